@@ -1,0 +1,39 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CORES ?= 8
+# The torch wheel installed before the project on machines without an NVIDIA driver. On a machine of
+# this project's kind it is a local CPU build; elsewhere add TORCH_INDEX=https://download.pytorch.org/whl/cpu.
+TORCH_CPU ?= torch==2.13.0
+TORCH_INDEX ?=
+
+.PHONY: setup run test lint bench clean-results
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+	  echo "NVIDIA driver found: pip chooses a CUDA build of torch"; \
+	elif $(BIN)/python -c "import torch" >/dev/null 2>&1; then \
+	  echo "torch already installed: $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	else \
+	  echo "no NVIDIA driver: installing the CPU build $(TORCH_CPU)"; \
+	  $(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_CPU)"; \
+	fi
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+run: setup
+	$(BIN)/snakemake --cores $(CORES) all
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/snakemake --lint
+
+bench: setup
+	$(BIN)/python benchmarks/ingest.py

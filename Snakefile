@@ -1,0 +1,29 @@
+# CGCNN transfer learning for crystal properties. Run: snakemake --cores 8 all
+# (other configs: --configfile configs/mp2018.yaml; SLURM: --workflow-profile profiles/slurm).
+import json
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+RESULTS = config["results_dir"]
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+
+
+rule all:
+    input:
+        expand(f"{RESULTS}/data/{{dataset}}/crystals.parquet", dataset=config["datasets"]),
+        [
+            f"{RESULTS}/data/{plan['dataset']}/splits/{name}.csv"
+            for name, plan in config["splits"].items()
+        ],
+    default_target: True

@@ -1,0 +1,3 @@
+from crystal_transfer.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,160 @@
+"""Command line: ``python -m crystal_transfer <stage> ...``. Each Snakemake rule calls one of these.
+
+Errors the user can act on (bad config, unreadable input, too many rejections) end the command with a
+one-line message and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from crystal_transfer.config import ConfigError, load_config, load_schema
+
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from crystal_transfer.dataset import DataStageError
+    from crystal_transfer.sources import SourceError
+    from crystal_transfer.splits import SplitError
+
+    return USER_ERRORS + (DataStageError, SourceError, SplitError, FileNotFoundError)
+
+
+def dataset_spec(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """The part of a validated config that the data stage of dataset ``name`` depends on."""
+    if name not in config["datasets"]:
+        raise ConfigError(f"dataset '{name}' is not in the config (datasets: {', '.join(config['datasets'])})")
+    spec = json.loads(json.dumps(config["datasets"][name]))
+    downloads = Path(config["results_dir"]) / "downloads"
+    for source in spec["sources"]:
+        if source["type"] == "matminer_legacy":
+            source.setdefault("archive", str(downloads / f"matminer-{source['version']}.tar.gz"))
+    spec["filters"] = config["filters"]
+    return spec
+
+
+def _validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    from crystal_transfer.config import validate_config
+
+    filters = spec.pop("filters", {})
+    config = validate_config({"datasets": {"spec": spec}, "splits": {}, "filters": filters})
+    checked = config["datasets"]["spec"]
+    checked["filters"] = config["filters"]
+    return checked
+
+
+def _cmd_fetch_matminer(args: argparse.Namespace) -> int:
+    from crystal_transfer.sources.matminer_legacy import fetch_archive
+
+    out = Path(args.out)
+    path = fetch_archive(out.parent, version=args.version, sha256=args.sha256)
+    if path != out:
+        path.replace(out)
+    print(f"matminer {args.version} source archive ready: {out} (sha256 verified)")
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from crystal_transfer.dataset import build_dataset
+    from crystal_transfer.sources.matminer_legacy import fetch_archive
+
+    if args.spec:
+        text = Path(args.spec[1:]).read_text() if args.spec.startswith("@") else args.spec
+        spec = _validate_spec(json.loads(text))
+        name = args.dataset or "dataset"
+    else:
+        if not (args.config and args.dataset):
+            raise ConfigError("give --config FILE and --dataset NAME (or --spec JSON)")
+        spec = dataset_spec(load_config(args.config), args.dataset)
+        name = args.dataset
+        for source in spec["sources"]:
+            if source["type"] == "matminer_legacy" and not Path(source["archive"]).is_file():
+                fetch_archive(Path(source["archive"]).parent, source["version"], source["sha256"])
+    build_dataset(name, spec, args.out, workers=args.workers)
+    return 0
+
+
+def _cmd_split(args: argparse.Namespace) -> int:
+    from crystal_transfer.splits import make_split, write_split
+
+    plan = json.loads(args.plan) if args.plan else load_config(args.config)["splits"].get(args.name)
+    if plan is None:
+        raise ConfigError(f"split plan '{args.name}' is not in {args.config}")
+    plan.setdefault("seed", 0)
+    split = make_split(args.table, args.name, plan)
+    write_split(split, args.out)
+    sizes = " / ".join(f"{len(split[p])} {p}" for p in ("train", "val", "test"))
+    print(f"split '{args.name}' on label {plan['label']}: {sizes} -> {args.out}")
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(load_schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m crystal_transfer",
+        description="Stages of the CGCNN transfer-learning pipeline. Snakemake runs them; each also runs alone.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
+
+    fetch = sub.add_parser("fetch-matminer", help="download the matminer source archive (no install) and verify it")
+    fetch.add_argument("--out", required=True, help="where to put matminer-<version>.tar.gz")
+    fetch.add_argument("--version", default="0.3.9")
+    fetch.add_argument("--sha256", default="3faf9e83464f3d48f68a759bf476ad24da4c8c3e950c8f340cb917d3bb906400")
+    fetch.set_defaults(func=_cmd_fetch_matminer)
+
+    data = sub.add_parser(
+        "data",
+        help="build a dataset's canonical crystal table",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "The data stage. Reads every source of a dataset (matminer_legacy: MP tables from the matminer\n"
+            "0.3.9 source archive; local: a folder or tarball of CIF/POSCAR files plus a labels CSV), parses\n"
+            "each structure once, and drops, with a recorded reason: unparsable or empty files, partial\n"
+            "occupancies, elements above filters.max_z (default 80), non-finite labels, crystals with no\n"
+            "label, duplicate ids, label rows without a structure and structures without a label row, unsafe\n"
+            "archive member names, and the same crystal from two sources (the source listed first is kept).\n\n"
+            "Writes to --out: crystals.parquet (id, source, formula, lattice, atomic numbers, fractional\n"
+            "coordinates, one column per label with its unit, provenance), rejected.csv (id, source, file,\n"
+            "reason, message) and summary.json (counts per reason). Fails, naming the reasons, when more than\n"
+            "filters.max_rejected_fraction of the records is rejected."
+        ),
+    )
+    data.add_argument("--config", help="pipeline config (YAML), used with --dataset")
+    data.add_argument("--dataset", help="name of the dataset in the config")
+    data.add_argument(
+        "--spec", help="the dataset's config section plus 'filters', as JSON (or @file); the workflow uses this"
+    )
+    data.add_argument("--out", required=True, help="output folder, e.g. results/data/<dataset>")
+    data.add_argument("--workers", type=int, default=0, help="parser processes (0: one per core)")
+    data.set_defaults(func=_cmd_data)
+
+    split = sub.add_parser("split", help="write a deterministic train/val/test split of a table")
+    split.add_argument("--table", required=True, help="crystals.parquet of the dataset")
+    split.add_argument("--name", required=True, help="name of the split plan")
+    split.add_argument("--plan", help="the plan as JSON (label, train, val, test, seed)")
+    split.add_argument("--config", help="pipeline config holding splits.<name> (instead of --plan)")
+    split.add_argument("--out", required=True, help="CSV to write (id,split)")
+    split.set_defaults(func=_cmd_split)
+
+    schema = sub.add_parser("schema", help="print the config schema (every key, its type, default and meaning)")
+    schema.set_defaults(func=_cmd_schema)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,110 @@
+"""Load and validate the pipeline config against workflow/schemas/config.schema.yaml.
+
+The schema is the single description of every key (type, default, description). Validation fills in the
+defaults and turns jsonschema's errors into one line that names the offending key and where it is.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(Exception):
+    """The config does not follow the schema."""
+
+
+def load_schema(path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
+    """The config schema as a dict."""
+    with open(path) as handle:
+        return yaml.safe_load(handle)
+
+
+def _where(path: Any) -> str:
+    parts = []
+    for part in path:
+        parts.append(f"[{part}]" if isinstance(part, int) else (("." if parts else "") + str(part)))
+    return "".join(parts) or "<top level>"
+
+
+def _message(error: jsonschema.ValidationError) -> str:
+    where = _where(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        return f"unknown key {', '.join(repr(k) for k in extra)} in {where}" + (
+            f" (allowed: {', '.join(allowed)})" if allowed else ""
+        )
+    if error.validator == "required":
+        return f"{where}: {error.message}"
+    return f"{where}: {error.message}"
+
+
+def _fill_defaults(instance: Any, schema: dict[str, Any], root: dict[str, Any]) -> None:
+    """Insert schema defaults into ``instance`` in place (objects, arrays, $ref and if/then branches)."""
+    if "$ref" in schema:
+        name = schema["$ref"].split("/")[-1]
+        _fill_defaults(instance, root["$defs"][name], root)
+        return
+    if isinstance(instance, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key not in instance and "default" in sub:
+                instance[key] = copy.deepcopy(sub["default"])
+            if key in instance:
+                _fill_defaults(instance[key], sub, root)
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            for key in set(instance) - set(schema.get("properties", {})):
+                _fill_defaults(instance[key], extra, root)
+        for branch in schema.get("allOf", []):
+            condition = branch.get("if", {}).get("properties", {})
+            if all(instance.get(k) == v.get("const") for k, v in condition.items()):
+                _fill_defaults(instance, branch.get("then", {}), root)
+    elif isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        for item in instance:
+            _fill_defaults(item, schema["items"], root)
+
+
+def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Return a validated copy of ``config`` with defaults filled in; raise ConfigError naming the problem."""
+    schema = schema or load_schema()
+    config = copy.deepcopy(config)
+    _fill_defaults(config, schema, schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
+    if errors:
+        deepest = max(errors, key=lambda e: len(list(e.absolute_path)))
+        best = jsonschema.exceptions.best_match([deepest] + errors)
+        details = [_message(e) for e in _leaves(best)]
+        raise ConfigError("invalid config: " + "; ".join(dict.fromkeys(details)))
+    for plan_name, plan in config["splits"].items():
+        if plan["dataset"] not in config["datasets"]:
+            raise ConfigError(
+                f"invalid config: splits.{plan_name}.dataset names '{plan['dataset']}', which is not in datasets "
+                f"({', '.join(config['datasets'])})"
+            )
+    return config
+
+
+def _leaves(error: jsonschema.ValidationError) -> list[jsonschema.ValidationError]:
+    if not error.context:
+        return [error]
+    return [leaf for sub in error.context for leaf in _leaves(sub)]
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as handle:
+        data = yaml.safe_load(handle) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} does not hold a mapping of keys")
+    return validate_config(data)

@@ -1,0 +1,29 @@
+"""The property labels the pipeline knows, with their units.
+
+Canonical tables name labels by these keys; a local source maps its CSV columns onto them. A label that
+is not listed here needs its unit given in the source's ``units`` map.
+"""
+
+from __future__ import annotations
+
+KNOWN_UNITS: dict[str, str] = {
+    "formation_energy_per_atom": "eV/atom",
+    "energy_per_atom": "eV/atom",
+    "band_gap": "eV",
+    "K_VRH": "GPa",
+    "G_VRH": "GPa",
+    "efermi": "eV",
+    "delta_e": "eV/atom",
+}
+
+
+def unit_of(label: str, extra_units: dict[str, str] | None = None) -> str:
+    """Return the unit of ``label``; raise ValueError naming the label when none is known."""
+    if extra_units and label in extra_units:
+        return extra_units[label]
+    if label in KNOWN_UNITS:
+        return KNOWN_UNITS[label]
+    raise ValueError(
+        f"label '{label}' has no known unit: add it to the source's 'units' map "
+        f"(known labels: {', '.join(sorted(KNOWN_UNITS))})"
+    )

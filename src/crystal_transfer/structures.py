@@ -1,0 +1,139 @@
+"""Parse structure text into plain arrays and apply the per-crystal filters.
+
+Every failure is a :class:`Rejection` with a stable reason code and a readable message; nothing from deep
+inside pymatgen escapes as a traceback.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+# Reason codes, as they appear in rejected.csv and in the summary counts.
+UNPARSABLE = "unparsable"
+EMPTY_FILE = "empty_file"
+PARTIAL_OCCUPANCY = "partial_occupancy"
+ELEMENT_ABOVE_MAX_Z = "element_above_max_z"
+NON_FINITE_LABEL = "non_finite_label"
+NO_LABELS = "no_labels"
+DUPLICATE_ID = "duplicate_id"
+DUPLICATE_CRYSTAL = "duplicate_crystal"
+MISSING_STRUCTURE = "missing_structure"
+MISSING_LABELS = "missing_labels"
+UNSAFE_PATH = "unsafe_path"
+UNKNOWN_FORMAT = "unknown_format"
+
+
+class Rejection(Exception):
+    """A crystal that is not kept, with the reason code and a message for rejected.csv."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(reason, message)
+        self.reason = reason
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message}"
+
+
+@dataclass(frozen=True)
+class ParsedCrystal:
+    """An ordered crystal as arrays: what the canonical table stores."""
+
+    formula: str
+    lattice: np.ndarray  # (3, 3) lattice rows, Å
+    numbers: np.ndarray  # (n,) atomic numbers
+    frac_coords: np.ndarray  # (n, 3)
+
+
+FORMATS = ("cif", "poscar", "pymatgen_dict")
+
+
+def _load_structure(fmt: str, text: str):
+    """Build a pymatgen Structure from text in one of :data:`FORMATS`."""
+    from pymatgen.core import Structure
+
+    if fmt == "cif":
+        from pymatgen.io.cif import CifParser
+
+        structures = CifParser.from_str(text).parse_structures(primitive=False, on_error="raise")
+        if len(structures) != 1:
+            raise ValueError(f"CIF holds {len(structures)} structures, expected 1")
+        return structures[0]
+    if fmt == "poscar":
+        from pymatgen.io.vasp import Poscar
+
+        return Poscar.from_str(text, read_velocities=False).structure
+    if fmt == "pymatgen_dict":
+        return Structure.from_dict(ast.literal_eval(text))
+    raise ValueError(f"unknown structure format '{fmt}' (known: {', '.join(FORMATS)})")
+
+
+def _first_line(message: str, limit: int = 200) -> str:
+    line = " ".join(str(message).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def parse_crystal(fmt: str, text: str, max_z: int) -> ParsedCrystal:
+    """Parse ``text`` and check it; raise :class:`Rejection` for anything the pipeline cannot use.
+
+    Checks, in order: empty input, parse errors, partial occupancy, elements with Z above ``max_z``,
+    a degenerate lattice or non-finite coordinates.
+    """
+    if not text or not text.strip():
+        raise Rejection(EMPTY_FILE, "empty structure file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pymatgen warns about electronegativities and rounding, not errors
+        return _checked(fmt, text, max_z)
+
+
+def _checked(fmt: str, text: str, max_z: int) -> ParsedCrystal:
+    try:
+        structure = _load_structure(fmt, text)
+    except Exception as exc:  # pymatgen raises many types; all mean "cannot read this crystal"
+        raise Rejection(UNPARSABLE, f"unparsable {fmt}: {_first_line(exc) or type(exc).__name__}") from None
+    if len(structure) == 0:
+        raise Rejection(UNPARSABLE, f"unparsable {fmt}: no atomic sites")
+    if not structure.is_ordered:
+        for index, site in enumerate(structure):
+            if not site.is_ordered:
+                occupancy = ", ".join(f"{sp}:{occ:g}" for sp, occ in site.species.items())
+                raise Rejection(PARTIAL_OCCUPANCY, f"partial occupancy at site {index} ({occupancy})")
+    numbers = np.array([site.specie.Z for site in structure], dtype=np.int16)
+    heavy = sorted({int(z) for z in numbers if z > max_z})
+    if heavy:
+        from pymatgen.core.periodic_table import Element
+
+        names = ", ".join(f"{Element.from_Z(z).symbol} (Z={z})" for z in heavy)
+        raise Rejection(ELEMENT_ABOVE_MAX_Z, f"contains {names}, above max_z={max_z}")
+    lattice = np.asarray(structure.lattice.matrix, dtype=np.float64)
+    frac = np.asarray(structure.frac_coords, dtype=np.float64)
+    volume = abs(float(np.linalg.det(lattice)))
+    if not (np.isfinite(lattice).all() and np.isfinite(frac).all()) or not volume > 1e-3:
+        raise Rejection(UNPARSABLE, f"unparsable {fmt}: degenerate lattice or non-finite coordinates")
+    return ParsedCrystal(
+        formula=structure.composition.reduced_formula, lattice=lattice, numbers=numbers, frac_coords=frac
+    )
+
+
+def parse_label(name: str, value: object) -> float | None:
+    """Return a finite float, None for a missing value, or raise :class:`Rejection` for anything else."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        stripped = value.strip()
+        if stripped == "":
+            return None
+        try:
+            number = float(stripped)
+        except ValueError:
+            raise Rejection(NON_FINITE_LABEL, f"label {name}={stripped!r} is not a number") from None
+    else:
+        number = float(value)  # type: ignore[arg-type]
+    if not math.isfinite(number):
+        raise Rejection(NON_FINITE_LABEL, f"label {name}={number} is not finite")
+    return number
