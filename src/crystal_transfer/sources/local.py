@@ -137,6 +137,7 @@ class LocalSource(Source):
         for member, payload, checksum in self._structure_files():
             where = f"{container}:{member}" if not self.path.is_dir() else f"{container}/{member}"
             crystal_id = _crystal_id(member)
+            seen.add(crystal_id)  # its label row is accounted for by this record, whatever becomes of it
             if payload is None:
                 yield RawCrystal(
                     id=crystal_id,
@@ -166,7 +167,6 @@ class LocalSource(Source):
             rejection = None
             if labels is None:
                 rejection = Rejection(MISSING_LABELS, f"no row for id '{crystal_id}' in {self.labels_path.name}")
-            seen.add(crystal_id)
             yield RawCrystal(
                 id=crystal_id,
                 fmt=fmt,
