@@ -15,6 +15,8 @@ the operating system pages in the crystals that are used.
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -97,11 +99,12 @@ def read_header(path: str | Path) -> dict[str, Any]:
 
 
 def map_arrays(path: str | Path, header: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
-    """Read-only memory-mapped views of every array of the shard at ``path``."""
+    """Read-only, memory-mapped, zero-copy views of every array of the shard at ``path``."""
     path = Path(path)
     header = header or read_header(path)
-    size = path.stat().st_size
-    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
     arrays: dict[str, np.ndarray] = {}
     for name, spec in header["arrays"].items():
         dtype = np.dtype(spec["dtype"])
@@ -110,5 +113,5 @@ def map_arrays(path: str | Path, header: dict[str, Any] | None = None) -> dict[s
         end = spec["offset"] + count * dtype.itemsize
         if end > size:
             raise ShardFormatError(f"{path} is truncated: array '{name}' ends at byte {end}, the file has {size}")
-        arrays[name] = mapped[spec["offset"] : end].view(dtype).reshape(shape)
+        arrays[name] = np.frombuffer(mapped, dtype=dtype, count=count, offset=spec["offset"]).reshape(shape)
     return arrays
