@@ -405,9 +405,10 @@ def build_shard(plan_path: str | Path, index: int, table: str | Path | None = No
 
 def rebuild_command(graph_dir: str | Path, plan: dict[str, Any], shards: list[int] | None = None) -> str:
     """The command that rebuilds a graph folder (or some of its shards) from its plan and rewrites the manifest."""
+    section = {key: value for key, value in plan["settings"].items() if key != "tie_tolerance"}  # fixed in code
     command = (
         f"python -m crystal_transfer graphs build --table {plan['table']} --dataset {plan['dataset']} "
-        f"--out {graph_dir} --shard-size {plan['shard_size']} --settings '{json.dumps(plan['settings'])}'"
+        f"--out {graph_dir} --shard-size {plan['shard_size']} --settings '{json.dumps(section)}'"
     )
     if shards:
         command += " --shards " + ",".join(str(i) for i in shards)
