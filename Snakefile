@@ -17,11 +17,13 @@ RESULTS = config["results_dir"]
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/graphs.smk"
 
 
 rule all:
     input:
         expand(f"{RESULTS}/data/{{dataset}}/crystals.parquet", dataset=config["datasets"]),
+        expand(f"{RESULTS}/graphs/{{dataset}}/manifest.json", dataset=config["datasets"]),
         [
             f"{RESULTS}/data/{plan['dataset']}/splits/{name}.csv"
             for name, plan in config["splits"].items()

@@ -19,10 +19,12 @@ USER_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from crystal_transfer.dataset import DataStageError
+    from crystal_transfer.graphs import GraphStageError
+    from crystal_transfer.shards import ShardFormatError
     from crystal_transfer.sources import SourceError
     from crystal_transfer.splits import SplitError
 
-    return USER_ERRORS + (DataStageError, SourceError, SplitError, FileNotFoundError)
+    return USER_ERRORS + (DataStageError, GraphStageError, ShardFormatError, SourceError, SplitError, FileNotFoundError)
 
 
 def dataset_spec(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -93,6 +95,55 @@ def _cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _graph_settings(args: argparse.Namespace):
+    """Graph settings and shard size from --settings JSON (a config's graphs section) or --config."""
+    from crystal_transfer.graphs import graph_config
+
+    if args.settings:
+        text = Path(args.settings[1:]).read_text() if args.settings.startswith("@") else args.settings
+        section = json.loads(text)
+    elif args.config:
+        section = load_config(args.config)["graphs"]
+    else:
+        section = {}
+    if getattr(args, "shard_size", None):
+        section["shard_size"] = args.shard_size
+    return graph_config(section)
+
+
+def _cmd_graphs(args: argparse.Namespace) -> int:
+    from crystal_transfer import graphs
+
+    if args.action == "plan":
+        settings, shard_size = _graph_settings(args)
+        plan = graphs.make_plan(args.table, args.dataset, settings, shard_size, args.out)
+        print(
+            f"graph plan of '{args.dataset}': {plan['table_rows']} crystals "
+            f"in {len(plan['shards'])} shards -> {args.out}"
+        )
+    elif args.action == "shard":
+        meta = graphs.build_shard(args.plan, args.index, table=args.table, out=args.out)
+        print(
+            f"shard {args.index}: {len(meta['ids'])} crystals, {len(meta['rejected'])} rejected, "
+            f"{len(meta['extended'])} with extended radius"
+        )
+    elif args.action == "manifest":
+        manifest = graphs.write_manifest(args.plan, args.out)
+        counts = manifest["counts"]
+        print(
+            f"manifest of '{manifest['dataset']}': {counts['crystals']} crystals, {counts['atoms']} atoms, "
+            f"{len(manifest['shards'])} shards, {counts['bytes'] / 1e6:.1f} MB, {counts['rejected']} rejected, "
+            f"{counts['extended']} extended"
+        )
+    else:
+        settings, shard_size = _graph_settings(args)
+        shards = [int(i) for i in args.shards.split(",")] if args.shards else None
+        graphs.build_graphs(
+            args.table, args.out, settings, shard_size, dataset=args.dataset, workers=args.workers, shards=shards
+        )
+    return 0
+
+
 def _cmd_schema(args: argparse.Namespace) -> int:
     print(json.dumps(load_schema(), indent=2))
     return 0
@@ -144,6 +195,52 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--config", help="pipeline config holding splits.<name> (instead of --plan)")
     split.add_argument("--out", required=True, help="CSV to write (id,split)")
     split.set_defaults(func=_cmd_split)
+
+    graphs = sub.add_parser(
+        "graphs",
+        help="turn a canonical table into crystal-graph shards",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "The graphs stage. Per crystal: atomic numbers and, per atom, the max_num_nbr nearest neighbours\n"
+            "within radius (indices and distances, CGCNN's selection; ties broken by neighbour index, then\n"
+            "image). Steps: 'plan' (row ranges of the shards), 'shard' (one shard; a Snakemake job each),\n"
+            "'manifest' (checks the shards, writes manifest.json with a sha256 per shard, and rejected.csv);\n"
+            "'build' does all three, in parallel spawned processes."
+        ),
+    )
+    steps = graphs.add_subparsers(dest="action", required=True, metavar="<step>")
+
+    def settings_options(step: argparse.ArgumentParser) -> None:
+        step.add_argument("--settings", help="the config's graphs section as JSON (or @file); defaults filled in")
+        step.add_argument("--config", help="pipeline config holding the graphs section (instead of --settings)")
+        step.add_argument("--shard-size", type=int, help="override graphs.shard_size")
+
+    plan = steps.add_parser("plan", help="write plan.json: table identity, settings, shard row ranges")
+    plan.add_argument("--table", required=True, help="the dataset's crystals.parquet")
+    plan.add_argument("--dataset", required=True, help="dataset name (recorded)")
+    plan.add_argument("--out", required=True, help="plan.json to write")
+    settings_options(plan)
+
+    shard = steps.add_parser("shard", help="build one shard of a plan")
+    shard.add_argument("--plan", required=True, help="plan.json")
+    shard.add_argument("--index", required=True, type=int, help="shard index")
+    shard.add_argument("--table", help="the table (default: the plan's); must match the plan's sha256")
+    shard.add_argument("--out", help="shard file (default: beside the plan)")
+
+    manifest = steps.add_parser("manifest", help="check the shards of a plan; write manifest.json and rejected.csv")
+    manifest.add_argument("--plan", required=True, help="plan.json")
+    manifest.add_argument(
+        "--out", help="manifest.json to write (default: beside the plan); rejected.csv goes beside it"
+    )
+
+    build = steps.add_parser("build", help="plan, build the shards in parallel, write the manifest")
+    build.add_argument("--table", required=True, help="the dataset's crystals.parquet")
+    build.add_argument("--dataset", required=True, help="dataset name (recorded)")
+    build.add_argument("--out", required=True, help="output folder, e.g. results/graphs/<dataset>")
+    build.add_argument("--workers", type=int, default=2, help="processes (spawned)")
+    build.add_argument("--shards", help="comma-separated shard indices to (re)build; default: all")
+    settings_options(build)
+    graphs.set_defaults(func=_cmd_graphs)
 
     schema = sub.add_parser("schema", help="print the config schema (every key, its type, default and meaning)")
     schema.set_defaults(func=_cmd_schema)

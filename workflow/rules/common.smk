@@ -20,3 +20,11 @@ def dataset_inputs(wildcards):
         elif source["type"] == "local":
             files += [source["path"], source["labels"]]
     return files
+
+
+def graph_shards(wildcards):
+    """Shard files of a dataset's graphs, as listed by its plan (a checkpoint output)."""
+    plan = checkpoints.graph_plan.get(dataset=wildcards.dataset).output[0]
+    with open(plan) as handle:
+        shards = json.load(handle)["shards"]
+    return [f"{RESULTS}/graphs/{wildcards.dataset}/{shard['file']}" for shard in shards]

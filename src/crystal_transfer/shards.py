@@ -1,0 +1,117 @@
+"""The graph shard file format: a JSON header and raw little-endian arrays, memory-mappable.
+
+Layout of a ``.cgs`` file (crystal graph shard):
+
+- bytes 0-7: the magic ``b"CTGSHRD1"``;
+- bytes 8-15: the header length ``h`` as an unsigned 64-bit little-endian integer;
+- bytes 16 .. 16+h: the header, UTF-8 JSON: ``{"format", "version", "meta": {...}, "arrays": {name: {"dtype",
+  "shape", "offset"}}}``, where ``offset`` is the absolute byte offset of the array (a multiple of 64);
+- the arrays, C order, each starting at its offset.
+
+Readers map the file and take zero-copy views of the arrays, so opening a shard costs its header only and
+the operating system pages in the crystals that are used.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crystal_transfer.atomic import atomic_path
+
+MAGIC = b"CTGSHRD1"
+FORMAT = "crystal_transfer graph shard"
+VERSION = 1
+ALIGN = 64
+
+
+class ShardFormatError(Exception):
+    """A file is not a readable graph shard (wrong magic, truncated, or an inconsistent header)."""
+
+
+def _aligned(offset: int) -> int:
+    return (offset + ALIGN - 1) // ALIGN * ALIGN
+
+
+def write_shard(path: str | Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> int:
+    """Write ``arrays`` (name -> array) and the JSON-serialisable ``meta`` to ``path`` atomically.
+
+    Returns the file size in bytes.
+    """
+    arrays = {name: np.ascontiguousarray(array) for name, array in arrays.items()}
+    for name, array in arrays.items():
+        if array.dtype.byteorder == ">" or array.dtype.hasobject:
+            raise ValueError(f"array '{name}' has dtype {array.dtype}; shards hold little-endian numeric arrays")
+
+    def header_bytes(start: int) -> tuple[bytes, dict[str, dict[str, Any]]]:
+        table: dict[str, dict[str, Any]] = {}
+        offset = start
+        for name, array in arrays.items():
+            offset = _aligned(offset)
+            table[name] = {"dtype": array.dtype.str, "shape": list(array.shape), "offset": offset}
+            offset += array.nbytes
+        header = {"format": FORMAT, "version": VERSION, "meta": meta, "arrays": table}
+        return json.dumps(header, separators=(",", ":")).encode(), table
+
+    # The array offsets depend on the header length, which depends on the offsets: iterate to a fixed point.
+    start = 16
+    while True:
+        encoded, table = header_bytes(_aligned(start))
+        if _aligned(16 + len(encoded)) <= _aligned(start):
+            break
+        start = 16 + len(encoded)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(MAGIC + struct.pack("<Q", len(encoded)) + encoded)
+        for name, array in arrays.items():
+            handle.write(b"\0" * (table[name]["offset"] - handle.tell()))
+            handle.write(array.tobytes(order="C"))
+        size = handle.tell()
+    return size
+
+
+def read_header(path: str | Path) -> dict[str, Any]:
+    """The JSON header of a shard (reads only the start of the file)."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        start = handle.read(16)
+        if len(start) < 16 or start[:8] != MAGIC:
+            raise ShardFormatError(f"{path} is not a graph shard (no {MAGIC!r} magic)")
+        (length,) = struct.unpack("<Q", start[8:])
+        raw = handle.read(length)
+    if len(raw) != length:
+        raise ShardFormatError(f"{path} is truncated (header of {length} bytes announced, {len(raw)} present)")
+    try:
+        header = json.loads(raw)
+    except ValueError as exc:
+        raise ShardFormatError(f"{path} has an unreadable header: {exc}") from None
+    if header.get("format") != FORMAT or header.get("version") != VERSION:
+        raise ShardFormatError(
+            f"{path} is a '{header.get('format')}' file version {header.get('version')}, "
+            f"expected '{FORMAT}' version {VERSION}"
+        )
+    return header
+
+
+def map_arrays(path: str | Path, header: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """Read-only, memory-mapped, zero-copy views of every array of the shard at ``path``."""
+    path = Path(path)
+    header = header or read_header(path)
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    arrays: dict[str, np.ndarray] = {}
+    for name, spec in header["arrays"].items():
+        dtype = np.dtype(spec["dtype"])
+        shape = tuple(spec["shape"])
+        count = int(np.prod(shape, dtype=np.int64))
+        end = spec["offset"] + count * dtype.itemsize
+        if end > size:
+            raise ShardFormatError(f"{path} is truncated: array '{name}' ends at byte {end}, the file has {size}")
+        arrays[name] = np.frombuffer(mapped, dtype=dtype, count=count, offset=spec["offset"]).reshape(shape)
+    return arrays
