@@ -26,6 +26,9 @@ class GraphBatch:
         num_crystals: number of crystals B.
         targets: (B, T) float32, labels in the order of the dataset's targets, NaN where missing.
         ids: crystal ids, length B.
+        atom_fea: optional (N, F) cached atom features after the first ``atom_fea_depth`` convolutions of a
+            frozen trunk; a model then runs only its later layers (see crystal_transfer.transfer).
+        atom_fea_depth: the depth ``atom_fea`` was taken at.
     """
 
     numbers: torch.Tensor
@@ -36,6 +39,8 @@ class GraphBatch:
     num_crystals: int
     targets: torch.Tensor
     ids: list[str] = field(default_factory=list)
+    atom_fea: torch.Tensor | None = None
+    atom_fea_depth: int = 0
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> GraphBatch:
         """A copy with every tensor on ``device``."""

@@ -20,11 +20,22 @@ USER_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
 def _user_errors() -> tuple[type[Exception], ...]:
     from crystal_transfer.dataset import DataStageError
     from crystal_transfer.graphs import GraphStageError
+    from crystal_transfer.saved_model import GraphSettingsMismatch
     from crystal_transfer.shards import ShardFormatError
     from crystal_transfer.sources import SourceError
     from crystal_transfer.splits import SplitError
 
-    return USER_ERRORS + (DataStageError, GraphStageError, ShardFormatError, SourceError, SplitError, FileNotFoundError)
+    return USER_ERRORS + (
+        DataStageError,
+        GraphStageError,
+        ShardFormatError,
+        SourceError,
+        SplitError,
+        FileNotFoundError,
+        GraphSettingsMismatch,
+        ValueError,
+        KeyError,
+    )
 
 
 def dataset_spec(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -241,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--shards", help="comma-separated shard indices to (re)build; default: all")
     settings_options(build)
     graphs.set_defaults(func=_cmd_graphs)
+
+    from crystal_transfer.cli_train import add_commands
+
+    add_commands(sub)
 
     schema = sub.add_parser("schema", help="print the config schema (every key, its type, default and meaning)")
     schema.set_defaults(func=_cmd_schema)

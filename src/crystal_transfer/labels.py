@@ -27,3 +27,12 @@ def unit_of(label: str, extra_units: dict[str, str] | None = None) -> str:
         f"label '{label}' has no known unit: add it to the source's 'units' map "
         f"(known labels: {', '.join(sorted(KNOWN_UNITS))})"
     )
+
+
+# Labels modelled on a log scale (CGCNN trained the moduli on log10 GPa).
+LOG10_LABELS = frozenset({"K_VRH", "G_VRH"})
+
+
+def transform_of(label: str) -> str:
+    """The normaliser transform of a label: ``log10`` for elastic moduli, else ``identity``."""
+    return "log10" if label in LOG10_LABELS else "identity"

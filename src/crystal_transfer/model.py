@@ -80,9 +80,7 @@ def _edge_linear(
     n_atoms, n_slots = nbr_idx.shape
     width = atom_fea.shape[1]
     if not split:
-        stacked = torch.cat(
-            [atom_fea.unsqueeze(1).expand(n_atoms, n_slots, width), atom_fea[nbr_idx], edge_fea], dim=2
-        )
+        stacked = torch.cat([atom_fea.unsqueeze(1).expand(n_atoms, n_slots, width), atom_fea[nbr_idx], edge_fea], dim=2)
         return linear(stacked)
     weight = linear.weight
     self_part = F.linear(atom_fea, weight[:, :width], linear.bias)
@@ -154,8 +152,9 @@ class AttentionConvLayer(nn.Module):
         self.bn1 = nn.BatchNorm1d(atom_fea_len)
         self.bn2 = nn.BatchNorm1d(atom_fea_len)
 
-    def attention(self, atom_fea: torch.Tensor, nbr_idx: torch.Tensor, edge_fea: torch.Tensor,
-                  mask: torch.Tensor | None) -> torch.Tensor:
+    def attention(
+        self, atom_fea: torch.Tensor, nbr_idx: torch.Tensor, edge_fea: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """The (N, M) attention weights c; zero on masked slots, each atom's row sums to 1 (or 0 if none)."""
         logits = (atom_fea.unsqueeze(1) * atom_fea[nbr_idx]).sum(-1) * (edge_fea * edge_fea).sum(-1)
         if mask is None:
@@ -279,12 +278,17 @@ class CGCNN(nn.Module):
         depth = len(self.convs) if depth is None else depth
         if not 0 <= depth <= len(self.convs):
             raise ValueError(f"depth must be in 0..{len(self.convs)}, not {depth}")
-        atom_fea = self.embed(batch.numbers)
-        if depth == 0:
+        start = 0
+        if batch.atom_fea is not None and batch.atom_fea_depth <= depth:
+            # cached features of a frozen trunk: continue from where they were taken
+            atom_fea, start = batch.atom_fea, batch.atom_fea_depth
+        else:
+            atom_fea = self.embed(batch.numbers)
+        if depth == start:
             return atom_fea
         edge_fea = self.edge_features(batch.nbr_dist)
         mask = None if bool(batch.nbr_mask.all()) else batch.nbr_mask
-        for conv in self.convs[:depth]:
+        for conv in self.convs[start:depth]:
             atom_fea = conv(atom_fea, batch.nbr_idx, edge_fea, mask)
         return atom_fea
 

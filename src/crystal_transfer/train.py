@@ -125,8 +125,14 @@ class Trainer:
 
     def _loader(self, dataset: Dataset, shuffle: bool, epoch: int) -> DataLoader:
         generator = torch.Generator().manual_seed(_epoch_seed(self.settings.seed, epoch))
-        return DataLoader(dataset, batch_size=self.settings.batch_size, shuffle=shuffle, generator=generator,
-                          collate_fn=self.collate_fn, num_workers=0)
+        return DataLoader(
+            dataset,
+            batch_size=self.settings.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            collate_fn=self.collate_fn,
+            num_workers=0,
+        )
 
     def _run_epoch(self, dataset: Dataset, epoch: int, training: bool) -> dict[str, float]:
         """One pass; returns loss (mean over labels, standardised units) and MAE per target (transformed units)."""
@@ -228,8 +234,10 @@ class Trainer:
             self._write_metrics(history)
             self._save_checkpoint(epoch, best, history)
             maes = ", ".join(f"{name} {val[f'mae_{name}']:.4f}" for name in self.targets)
-            self.log(f"epoch {epoch}/{self.settings.epochs}: train loss {train['loss']:.4f}, "
-                     f"val loss {val['loss']:.4f}, val MAE {maes} ({row['seconds']:.1f} s)")
+            self.log(
+                f"epoch {epoch}/{self.settings.epochs}: train loss {train['loss']:.4f}, "
+                f"val loss {val['loss']:.4f}, val MAE {maes} ({row['seconds']:.1f} s)"
+            )
         if not (self.out_dir / BEST_FILE).is_file():
             raise RuntimeError("no epoch was trained: set epochs >= 1")
         self.model.load_state_dict(torch.load(self.out_dir / BEST_FILE, map_location=self.device, weights_only=True))

@@ -59,8 +59,11 @@ def build_transfer_model(
             (f"convs.{i}", model.convs[i], source.convs[i]) for i in range(depth)
         ]
     else:
-        modules = [("embedding", model.embedding, source.embedding), ("convs", model.convs, source.convs),
-                   ("conv_to_fc", model.conv_to_fc, source.conv_to_fc)]
+        modules = [
+            ("embedding", model.embedding, source.embedding),
+            ("convs", model.convs, source.convs),
+            ("conv_to_fc", model.conv_to_fc, source.conv_to_fc),
+        ]
         if hasattr(model, "fcs"):
             modules.append(("fcs", model.fcs, source.fcs))
     for _, new, old in modules:
@@ -74,8 +77,9 @@ def build_transfer_model(
 
 
 @torch.no_grad()
-def compute_frozen_features(model: CGCNN, depth: int, dataset: GraphDataset, batch_size: int = 256,
-                            device: str | torch.device = "cpu") -> dict[str, Any]:
+def compute_frozen_features(
+    model: CGCNN, depth: int, dataset: GraphDataset, batch_size: int = 256, device: str | torch.device = "cpu"
+) -> dict[str, Any]:
     """Atom features after the embedding and the first ``depth`` convolutions (eval mode) of every crystal.
 
     Returns ``{"ids", "offsets", "features", "depth"}``: crystal ``i``'s atoms are rows
@@ -92,8 +96,12 @@ def compute_frozen_features(model: CGCNN, depth: int, dataset: GraphDataset, bat
     counts = torch.cat(sizes) if sizes else torch.zeros(0, dtype=torch.long)
     offsets = torch.zeros(len(counts) + 1, dtype=torch.long)
     offsets[1:] = torch.cumsum(counts, 0)
-    return {"ids": ids, "offsets": offsets, "features": torch.cat(chunks) if chunks else torch.zeros(0, 0),
-            "depth": depth}
+    return {
+        "ids": ids,
+        "offsets": offsets,
+        "features": torch.cat(chunks) if chunks else torch.zeros(0, 0),
+        "depth": depth,
+    }
 
 
 def save_frozen_features(cache: dict[str, Any], path: str | Path, provenance: dict[str, Any]) -> None:
@@ -142,7 +150,7 @@ class CachedFeatureDataset(Dataset):
 
     def collate(self, items: Sequence[CachedItem]) -> GraphBatch:
         """A GraphBatch with ``atom_fea`` set to the cached features (``atom_fea_depth`` = frozen depth)."""
-        batch = collate_graphs([item.graph for item in items], cgcnn_padding=self.graphs.cgcnn_padding)
+        batch = collate_graphs([item.graph for item in items], cgcnn_padding=self.graphs.settings.cgcnn_padding)
         batch.atom_fea = torch.from_numpy(np.concatenate([item.atom_fea for item in items]))
         batch.atom_fea_depth = self.depth
         return batch

@@ -48,6 +48,28 @@ def is_unsafe_member(name: str) -> bool:
     return path.is_absolute() or ".." in path.parts or name.startswith("\\")
 
 
+def structure_files(path: Path) -> Iterator[tuple[str, bytes | None, str]]:
+    """Yield (member name, bytes or None when unsafe, checksum of the container) of a folder or tarball."""
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            yield str(file.relative_to(path)), file.read_bytes(), sha256_of(file)
+        return
+    if not path.is_file():
+        raise SourceError(f"structures path not found: {path}")
+    if not tarfile.is_tarfile(path):
+        raise SourceError(f"{path} is neither a folder nor a .tar/.tar.gz archive")
+    checksum = sha256_of(path)
+    with tarfile.open(path, "r:*") as archive:
+        for member in archive:
+            if member.isdir():
+                continue
+            if is_unsafe_member(member.name) or not member.isfile():
+                yield member.name, None, checksum
+                continue
+            handle = archive.extractfile(member)
+            yield member.name, handle.read() if handle else b"", checksum
+
+
 class LocalSource(Source):
     """Structures from a folder or tarball, labels from a CSV."""
 
@@ -109,25 +131,10 @@ class LocalSource(Source):
         return rows, duplicates
 
     def _structure_files(self) -> Iterator[tuple[str, bytes | None, str]]:
-        """Yield (member name, bytes or None when unsafe, checksum of the container)."""
-        if self.path.is_dir():
-            for file in sorted(p for p in self.path.rglob("*") if p.is_file()):
-                yield str(file.relative_to(self.path)), file.read_bytes(), sha256_of(file)
-            return
-        if not self.path.is_file():
-            raise SourceError(f"source '{self.name}': structures path not found: {self.path}")
-        if not tarfile.is_tarfile(self.path):
-            raise SourceError(f"source '{self.name}': {self.path} is neither a folder nor a .tar/.tar.gz archive")
-        checksum = sha256_of(self.path)
-        with tarfile.open(self.path, "r:*") as archive:
-            for member in archive:
-                if member.isdir():
-                    continue
-                if is_unsafe_member(member.name) or not member.isfile():
-                    yield member.name, None, checksum
-                    continue
-                handle = archive.extractfile(member)
-                yield member.name, handle.read() if handle else b"", checksum
+        try:
+            yield from structure_files(self.path)
+        except SourceError as exc:
+            raise SourceError(f"source '{self.name}': {exc}") from None
 
     def crystals(self) -> Iterator[RawCrystal]:
         rows, duplicates = self._read_labels()
