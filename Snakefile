@@ -1,6 +1,7 @@
 # CGCNN transfer learning for crystal properties. Run: snakemake --cores 8 all
 # (other configs: --configfile configs/mp2018.yaml; SLURM: --workflow-profile profiles/slurm).
 import json
+import re
 
 from snakemake.utils import min_version, validate
 
@@ -18,6 +19,9 @@ RESULTS = config["results_dir"]
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/graphs.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/transfer.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
@@ -28,4 +32,5 @@ rule all:
             f"{RESULTS}/data/{plan['dataset']}/splits/{name}.csv"
             for name, plan in config["splits"].items()
         ],
+        f"{RESULTS}/report/summary.json",
     default_target: True

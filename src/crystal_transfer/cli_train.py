@@ -138,6 +138,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from crystal_transfer.report import build_report
+
+    summary = build_report(_json_arg(args.spec), args.out)
+    best = summary["best"]
+    print(
+        f"report written to {args.out}; best transfer cell: {best['source']} at depth {best['depth']}, "
+        f"mean test MAE {best['mean_test_mae']:.3f}"
+    )
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register the training-stage subcommands."""
     pretrain = sub.add_parser("pretrain", help="convert a published CGCNN checkpoint or train a model on a dataset")
@@ -179,3 +191,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--out", required=True, help="CSV: id, one column per target in physical units")
     predict.add_argument("--workers", type=int, default=0)
     predict.set_defaults(func=_cmd_predict)
+
+    report = sub.add_parser("report", help="Tables 2 and 3, loss curves, attention figure, parity plot")
+    report.add_argument("--spec", required=True, help="JSON (or @file) naming the jobs' result files")
+    report.add_argument("--out", required=True, help="output folder, e.g. results/report")
+    report.set_defaults(func=_cmd_report)

@@ -238,3 +238,90 @@ def parity_figure(predictions_csv: str | Path, path: str | Path, title: str, uni
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
     _save(fig, path)
+
+
+# -- the report stage ----------------------------------------------------------------------------------------
+
+
+def build_report(spec: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
+    """Write Tables 2 and 3, Figures 5 and 6 and the parity plot from the jobs' files named in ``spec``.
+
+    ``spec``: ``results`` (every transfer and baseline test.json), ``sources`` ([{name, label, role}]),
+    ``depths``, ``figure_depth``, ``table3`` ({combined, formation_energy, sizes} or null), ``figure6``
+    ({gated, attention: pretrain folders} or null), ``target_unit``.
+    """
+    from crystal_transfer import study
+
+    out = Path(out_dir)
+    results = read_results(spec["results"])
+    depths = list(spec["depths"])
+    rows = [(s["name"], s["label"], study.TABLE2.get(s.get("role") or "")) for s in spec["sources"]]
+    frame, markdown = transfer_table(results, "scratch", rows, depths, study.BASELINE_MAE)
+    write_table(
+        frame,
+        markdown,
+        out / "table2.csv",
+        out / "table2.md",
+        "Table 2: band-gap test MAE after transfer (embedding + first k conv layers frozen)",
+    )
+    summary: dict[str, Any] = {"table2": frame.to_dict(orient="records")}
+    if spec.get("table3"):
+        t3 = spec["table3"]
+        rows3 = [
+            (t3["combined"], f"Combined ({t3['sizes'][t3['combined']]} crystals)", study.TABLE3["combined"]),
+            (
+                t3["formation_energy"],
+                f"Formation energy ({t3['sizes'][t3['formation_energy']]} crystals)",
+                study.TABLE3["formation_energy"],
+            ),
+        ]
+        frame3, markdown3 = transfer_table(results, "scratch", rows3, depths, study.BASELINE_MAE)
+        markdown3 += (
+            f"\nBoth sources pretrained on the same number of crystals (the study: {study.TABLE3_PRETRAIN_SIZE:,}).\n"
+        )
+        write_table(
+            frame3,
+            markdown3,
+            out / "table3.csv",
+            out / "table3.md",
+            "Table 3: combined vs formation-energy pretraining at equal pretraining size",
+        )
+        summary["table3"] = frame3.to_dict(orient="records")
+    depth = spec["figure_depth"]
+    curves: dict[str, list[str]] = {}
+    for source in [{"name": "scratch", "label": "baseline (scratch)"}] + spec["sources"]:
+        chosen = results[
+            (results["source"] == source["name"]) & (results["depth"] == (0 if source["name"] == "scratch" else depth))
+        ]
+        if len(chosen):
+            curves[source["label"]] = [str(Path(p).with_name("metrics.csv")) for p in chosen["path"]]
+    loss_curves_figure(
+        curves,
+        out / "fig5_loss_curves.png",
+        f"Band-gap training after transfer ({depth} conv layers frozen), mean ± std over seeds",
+    )
+    if spec.get("figure6"):
+        f6 = spec["figure6"]
+        params = {k: json.loads((Path(f6[k]) / "test.json").read_text())["parameters"] for k in ("gated", "attention")}
+        attention_figure(
+            Path(f6["gated"]) / "metrics.csv",
+            Path(f6["attention"]) / "metrics.csv",
+            out / "fig6_attention.png",
+            params["gated"],
+            params["attention"],
+        )
+        summary["figure6_parameters"] = params
+    cells = results.groupby(["source", "depth"])["test_mae"].mean()
+    best_source, best_depth = cells.idxmin()
+    best = results[(results["source"] == best_source) & (results["depth"] == best_depth)].sort_values("seed").iloc[0]
+    parity_figure(
+        Path(best["path"]).with_name("predictions.csv"),
+        out / "parity_best.png",
+        f"Best model: {best_source}, {best_depth} frozen, seed {best['seed']}",
+        spec["target_unit"],
+    )
+    summary["best"] = {"source": best_source, "depth": int(best_depth), "mean_test_mae": float(cells.min())}
+    from crystal_transfer.atomic import write_json
+
+    write_json(out / "summary.json", summary)
+    return summary

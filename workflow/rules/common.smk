@@ -28,3 +28,121 @@ def graph_shards(wildcards):
     with open(plan) as handle:
         shards = json.load(handle)["shards"]
     return [f"{RESULTS}/graphs/{wildcards.dataset}/{shard['file']}" for shard in shards]
+
+
+def model_names(kind):
+    """A wildcard pattern matching the pretrained models of a kind ('published', 'train' or 'any')."""
+    names = [n for n, m in config["pretrain"].items() if kind == "any" or m["kind"] == kind]
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
+def merged_train(overrides):
+    """The train section with a model's or the transfer section's overrides applied."""
+    return {**config["train"], **overrides}
+
+
+def pretrain_spec(model):
+    """What a pretraining job depends on: the model's section, the architecture and the train settings."""
+    spec = dict(config["pretrain"][model])
+    spec["train"] = merged_train(spec.get("train", {}))
+    spec["architecture"] = config["architecture"]
+    return spec
+
+
+def transfer_spec():
+    """Train settings and architecture of transfer runs and the baseline."""
+    return {"train": merged_train(config["transfer"].get("train", {})), "architecture": config["architecture"]}
+
+
+def transfer_dataset():
+    return config["splits"][config["transfer"]["split"]]["dataset"]
+
+
+def transfer_graph_dir():
+    return f"{RESULTS}/graphs/{transfer_dataset()}"
+
+
+def transfer_table(wildcards):
+    return f"{RESULTS}/data/{transfer_dataset()}/crystals.parquet"
+
+
+def transfer_manifest(wildcards):
+    return f"{transfer_graph_dir()}/manifest.json"
+
+
+def transfer_split_csv(wildcards):
+    return f"{RESULTS}/data/{transfer_dataset()}/splits/{wildcards.split}.csv"
+
+
+def transfer_cache_input(wildcards):
+    if not config["transfer"]["cache_frozen"]:
+        return []
+    return f"{RESULTS}/transfer/{wildcards.split}/cache/{wildcards.source}-depth{wildcards.depth}.pt"
+
+
+def transfer_results():
+    """test.json of every transfer run and baseline named by the config."""
+    t = config["transfer"]
+    base = f"{RESULTS}/transfer/{t['split']}"
+    runs = [
+        f"{base}/{source}/depth{depth}/seed{seed}/test.json"
+        for source in t["sources"]
+        for depth in t["depths"]
+        for seed in t["seeds"]
+    ]
+    return runs + [f"{base}/scratch/depth0/seed{seed}/test.json" for seed in t["seeds"]]
+
+
+ROLE_LABELS = {
+    "formation_energy": "Formation energy",
+    "bulk_modulus": "Bulk modulus",
+    "shear_modulus": "Shear modulus",
+    "combined": "Combined",
+}
+
+
+def report_spec(results):
+    """What the report stage reads: the result files, the sources with their labels and study roles."""
+    sources = []
+    for name in config["transfer"]["sources"]:
+        role = config["pretrain"][name].get("role")
+        label = ROLE_LABELS[role] if role else name
+        if role and config["pretrain"][name]["kind"] == "train":
+            label += " (ours)"
+        sources.append({"name": name, "label": label, "role": role})
+    depths = config["transfer"]["depths"]
+    spec = {
+        "results": list(results),
+        "sources": sources,
+        "depths": depths,
+        "figure_depth": 2 if 2 in depths else depths[0],
+        "target_unit": "eV",
+        "table3": None,
+        "figure6": None,
+    }
+    table3 = config["report"].get("table3")
+    if table3:
+        sizes = {name: config["pretrain"][name].get("subsample") or "all" for name in table3.values()}
+        spec["table3"] = {**table3, "sizes": sizes}
+    figure6 = config["report"].get("figure6")
+    if figure6:
+        spec["figure6"] = {key: f"{RESULTS}/models/{name}" for key, name in figure6.items()}
+    return spec
+
+
+def figure6_inputs():
+    figure6 = config["report"].get("figure6") or {}
+    return [f"{RESULTS}/models/{name}/metrics.csv" for name in figure6.values()]
+
+
+def report_table3_outputs():
+    if not config["report"].get("table3"):
+        return []
+    table = f"{RESULTS}/report/table3.csv"
+    return [report(table, caption="../report/table3.rst", category="Tables"), f"{RESULTS}/report/table3.md"]
+
+
+def report_figure6_outputs():
+    if not config["report"].get("figure6"):
+        return []
+    return report(f"{RESULTS}/report/fig6_attention.png", caption="../report/fig6.rst", category="Figures")

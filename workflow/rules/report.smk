@@ -1,0 +1,29 @@
+# The report: Tables 2 and 3, loss curves (Figure 5), attention vs gated (Figure 6) and a parity plot under
+# results/report/; `snakemake --report results/report.html` gathers them into one HTML page.
+
+
+rule report:
+    input:
+        results=transfer_results(),
+        figure6=figure6_inputs(),
+    output:
+        table2=report(f"{RESULTS}/report/table2.csv", caption="../report/table2.rst", category="Tables"),
+        table2_md=f"{RESULTS}/report/table2.md",
+        table3=report_table3_outputs(),
+        fig5=report(
+            f"{RESULTS}/report/fig5_loss_curves.png", caption="../report/fig5.rst", category="Figures"
+        ),
+        fig6=report_figure6_outputs(),
+        parity=report(f"{RESULTS}/report/parity_best.png", caption="../report/parity.rst", category="Figures"),
+        summary=f"{RESULTS}/report/summary.json",
+    log:
+        f"{RESULTS}/logs/report.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report.tsv"
+    params:
+        spec=lambda wc, input: json.dumps(report_spec(input.results), sort_keys=True),
+        out=f"{RESULTS}/report",
+    conda:
+        "../../envs/pipeline.yaml"
+    shell:
+        "python -m crystal_transfer report --spec {params.spec:q} --out {params.out} > {log} 2>&1"
