@@ -51,3 +51,22 @@ def mp2018_texts() -> dict[str, str]:
                 texts[Path(member.name).stem] = text
                 break
     return texts
+
+
+@pytest.fixture(scope="session")
+def matminer_graphs(matminer_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The embedded dataset's table, graphs and a small band-gap split (120 / 60 / 60), built once."""
+    from crystal_transfer.dataset import build_dataset
+    from crystal_transfer.graphs import GraphSettings, build_graphs
+    from crystal_transfer.splits import make_split, write_split
+
+    root = tmp_path_factory.mktemp("matminer")
+    spec = {"sources": [{"type": "matminer_legacy", "archive": str(matminer_archive)}],
+            "filters": {"max_z": 80, "max_rejected_fraction": 0.25}}
+    build_dataset("matminer", spec, root / "data", workers=2, log=lambda _: None)
+    table = root / "data" / "crystals.parquet"
+    build_graphs(table, root / "graphs", GraphSettings(), shard_size=2048, dataset="matminer", workers=2,
+                 log=lambda _: None)
+    split = make_split(table, "band_gap", {"label": "band_gap", "train": 120, "val": 60, "test": 60, "seed": 0})
+    write_split(split, root / "band_gap.csv")
+    return {"table": table, "graphs": root / "graphs", "split": root / "band_gap.csv", "root": root}
