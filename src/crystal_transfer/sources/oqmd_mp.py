@@ -95,7 +95,10 @@ class OqmdMpSource(Source):
         self.oqmd: dict[str, Any] = dict(options.get("oqmd") or {})
         self.mp: dict[str, Any] = dict(options.get("materials_project") or {})
         self.match: dict[str, Any] = {**DEFAULT_MATCH, **(options.get("match") or {})}
-        self.oqmd_columns: dict[str, str] = dict(self.oqmd.get("columns") or {"delta_e": "delta_e"})
+        # Labels the Materials Project provides come from it; OQMD adds only the others (e.g. delta_e).
+        mp_provided = {*SCALAR_LABELS, *MODULUS_LABELS}
+        columns = self.oqmd.get("columns") or {"delta_e": "delta_e"}
+        self.oqmd_columns: dict[str, str] = {k: v for k, v in columns.items() if k not in mp_provided}
         self.tolerance = float(self.mp.get("moduli_tolerance", 0.01))
         self._report: dict[str, Any] | None = None
 
