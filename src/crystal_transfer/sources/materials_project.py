@@ -206,7 +206,8 @@ def _summary_rester(key: str, endpoint: str, policy: RetryPolicy, log: Callable[
                 raise RetryableError(f"connecting to {endpoint}: {message}") from None
             raise FetchError(f"connecting to the Materials Project at {endpoint}: {message}") from None
         summary = rester.materials.summary
-        summary.timeout = policy.timeout
+        # mp-api hands out sub-resters wrapped in a LazyImport; the rester itself holds the request timeout.
+        (getattr(summary, "_obj", None) or summary).timeout = policy.timeout
         return summary
 
     return with_retries(connect, policy, f"Materials Project heartbeat at {endpoint}", log)
