@@ -97,6 +97,14 @@ def page_records(document: Any) -> tuple[list[dict[str, Any]], bool]:
     raise RetryableError(f"response holds neither 'data' nor 'results' (got {keys})")
 
 
+def available_count(document: Any) -> int | None:
+    """How many entries the server says the query selects (``meta.data_available`` or ``count``), if it says."""
+    if not isinstance(document, dict):
+        return None
+    value = (document.get("meta") or {}).get("data_available", document.get("count"))
+    return int(value) if isinstance(value, int | float) else None
+
+
 def _cache_folder(options: dict[str, Any], query: OqmdQuery) -> Path:
     cache_dir = options.get("cache_dir") or "results/downloads/oqmd"
     return Path(cache_dir) / query_digest(query.as_dict())[:16]
@@ -120,6 +128,7 @@ def fetch_oqmd(options: dict[str, Any], manifest: str | Path, log: Callable[[str
     pages: list[dict[str, Any]] = []
     offset = 0
     cached = 0
+    server_total: int | None = None
     while query.max_entries <= 0 or offset < query.max_entries:
         limit = query.limit if query.max_entries <= 0 else min(query.limit, query.max_entries - offset)
         path = folder / _page_file(offset)
@@ -130,6 +139,10 @@ def fetch_oqmd(options: dict[str, Any], manifest: str | Path, log: Callable[[str
             document = client.get_json(query.page_url(offset, limit), validate=page_records)
             write_json(path, document)
         records, more = page_records(document)
+        if offset == 0:
+            server_total = available_count(document)
+            if server_total is not None:
+                log(f"OQMD: the server reports {server_total} entries for this query")
         pages.append({"file": path.name, "offset": offset, "entries": len(records), "sha256": sha256_of(path)})
         if not records:
             break
@@ -142,6 +155,7 @@ def fetch_oqmd(options: dict[str, Any], manifest: str | Path, log: Callable[[str
         "cache": str(folder),
         "pages": pages,
         "entries": sum(page["entries"] for page in pages),
+        "server_total": server_total,
         "pages_from_cache": cached,
         "requests": client.requests,
         "complete": True,
