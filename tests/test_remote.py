@@ -71,7 +71,11 @@ def oqmd_records() -> list[dict[str, Any]]:
                     "name": structure.composition.reduced_formula,
                     "icsd_id": None,
                     "unit_cell": [[round(x, 6) for x in row_] for row_ in structure.lattice.matrix.tolist()],
-                    "sites": [f"{site.specie} @ {x:.6f} {y:.6f} {z:.6f}" for site in structure for x, y, z in [site.frac_coords]],
+                    "sites": [
+                        f"{site.specie} @ {x:.6f} {y:.6f} {z:.6f}"
+                        for site in structure
+                        for x, y, z in [site.frac_coords]
+                    ],
                     "delta_e": float(row["delta_e"]),
                     "band_gap": float(row["band_gap"]) if row["band_gap"] else None,
                     "ntypes": len(structure.composition.elements),
@@ -464,7 +468,15 @@ def _write_fetched(
     page.write_text(json.dumps({"data": entries, "meta": {"more_data_available": False}}))
     pages = [{"file": page.name, "offset": 0, "entries": len(entries), "sha256": sha256_of(page)}]
     Path(oqmd["manifest"]).write_text(
-        json.dumps({"query": query, "query_sha256": query_digest(query), "cache": str(folder), "pages": pages, "complete": True})
+        json.dumps(
+            {
+                "query": query,
+                "query_sha256": query_digest(query),
+                "cache": str(folder),
+                "pages": pages,
+                "complete": True,
+            }
+        )
     )
     batch = tmp_path / "batch.json"
     batch.write_text(json.dumps({"criterion": "formula", "values": [], "documents": documents}))

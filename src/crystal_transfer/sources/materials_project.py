@@ -219,9 +219,7 @@ def _search(summary: Any, criterion: str, batch: list[str], chunk_size: int) -> 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            documents = summary.search(
-                **{criterion: batch}, fields=MP_FIELDS, chunk_size=chunk_size, deprecated=False
-            )
+            documents = summary.search(**{criterion: batch}, fields=MP_FIELDS, chunk_size=chunk_size, deprecated=False)
     except Exception as exc:  # mp_api wraps HTTP failures in MPRestError; requests may raise its own
         message = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
         if _is_transient(message):

@@ -218,4 +218,3 @@ class OqmdMpSource(Source):
     def report(self) -> dict[str, Any] | None:
         """The match report of the last :meth:`crystals` pass (counts per outcome, the matched pairs)."""
         return self._report
-
