@@ -28,9 +28,14 @@ from remote_servers import HANG_SECONDS, MpServer, OqmdServer
 from crystal_transfer.cli import main as cli_main
 from crystal_transfer.config import validate_config
 from crystal_transfer.dataset import build_dataset
-from crystal_transfer.sources import SourceError
+from crystal_transfer.sources import Source, SourceError
 from crystal_transfer.sources.fetch import FetchError, RetryPolicy, parse_retry_after, query_digest
-from crystal_transfer.sources.materials_project import api_key_from_env, fetch_materials_project, mp_labels
+from crystal_transfer.sources.materials_project import (
+    api_key_from_env,
+    fetch_materials_project,
+    mp_labels,
+    mp_query,
+)
 from crystal_transfer.sources.oqmd import OqmdQuery, fetch_oqmd
 from crystal_transfer.sources.oqmd_mp import OqmdMpSource, oqmd_formulas
 from crystal_transfer.structures import AMBIGUOUS_MATCH, INCONSISTENT_MODULI, NON_FINITE_LABEL, Rejection
@@ -287,8 +292,6 @@ def test_interrupted_oqmd_fetch_resumes_without_refetching_completed_pages(
 
 
 def validated_source(kind: str, options: dict[str, Any]) -> Any:
-    from crystal_transfer.sources import Source
-
     return Source.from_config(validated({"type": kind, kind: options}))
 
 
@@ -349,26 +352,33 @@ def test_mp_labels_are_fetched_in_batches_through_mp_api(
 ) -> None:
     monkeypatch.setenv("MP_API_KEY", API_KEY)
     formulas = sorted({d["formula_pretty"] for d in mp_documents})[:30]
-    expected = [d for d in mp_documents if d["formula_pretty"] in formulas]
-    options = mp_options(mp_server, tmp_path, formulas=formulas, batch_size=10, chunk_size=5)
+    chemsys = next(d["chemsys"] for d in mp_documents if d["formula_pretty"] not in formulas)
+    expected = [d for d in mp_documents if d["formula_pretty"] in formulas or d["chemsys"] == chemsys]
+    options = mp_options(mp_server, tmp_path, formulas=formulas, chemsys=[chemsys], batch_size=10, chunk_size=5)
     mp_server.faults.scripted["summary"] = ["502"] * 5 + ["429:1"]  # beyond mp-api's own 3 retries
+    mp_server.faults.scripted["/heartbeat"] = ["502", "hang"]
     manifest = fetch_materials_project(options, options["manifest"], log=quiet)
-    assert manifest["documents"] == len(expected)
+    assert manifest["documents"] >= len(expected)  # a document found by formula and by chemsys is listed twice
     summary = mp_server.requests_to(MpServer.SUMMARY)
     served = [e for e in summary if e.status == 200]
-    batches = {e.query["formula"] for e in served}
+    batches = {e.query["formula"] for e in served if "formula" in e.query}
     assert len(batches) == 3 and all(len(b.split(",")) == 10 for b in batches)  # never one request per material
-    assert sum(int(e.query.get("_skip", 0)) == 0 for e in served) == 3  # first page of each batch
+    assert {e.query["chemsys"] for e in served if "chemsys" in e.query} == {chemsys}
+    assert sum(int(e.query.get("_skip", 0)) == 0 for e in served) == 4  # first page of each batch
+    assert [e.fault for e in mp_server.requests_to("/heartbeat")][:2] == ["502", "hang"]
     assert all(set(e.query["_fields"].split(",")) >= {"structure", "bulk_modulus", "database_IDs"} for e in served)
     assert all(e.headers["x-api-key"] == API_KEY for e in summary)
     assert [e.status for e in summary[:7]] == [502] * 5 + [429, 200]
     assert len(mp_server.requests_to("/heartbeat")) >= 1
 
     before = len(mp_server.log)
-    assert fetch_materials_project(options, options["manifest"], log=quiet)["batches_from_cache"] == 3
+    assert fetch_materials_project(options, options["manifest"], log=quiet)["batches_from_cache"] == 4
     assert len(mp_server.log) == before  # everything cached: not even MPRester's heartbeat
 
     source = validated({"type": "materials_project", "name": "mp", "materials_project": options})
+    stale = validated({"type": "materials_project", "materials_project": {**options, "formulas": formulas[:5]}})
+    with pytest.raises(SourceError, match="fetched for another query"):
+        list(Source.from_config(stale).crystals())
     out = tmp_path / "out"
     summary_json = build_dataset("mp", {"sources": [source], "filters": FILTERS}, out, log=quiet)
     assert summary_json["read"] == len(expected)
@@ -481,9 +491,13 @@ def _write_fetched(
     batch = tmp_path / "batch.json"
     batch.write_text(json.dumps({"criterion": "formula", "values": [], "documents": documents}))
     mp = {"manifest": str(tmp_path / "mp.json")}
-    Path(mp["manifest"]).write_text(
-        json.dumps({"batches": [{"file": str(batch), "sha256": sha256_of(batch)}], "complete": True})
-    )
+    formulas = sorted({entry["name"] for entry in entries})
+    manifest = {
+        "query_sha256": query_digest(mp_query(mp, formulas)),
+        "batches": [{"file": str(batch), "sha256": sha256_of(batch)}],
+        "complete": True,
+    }
+    Path(mp["manifest"]).write_text(json.dumps(manifest))
     return oqmd, mp
 
 

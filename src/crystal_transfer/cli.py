@@ -57,7 +57,8 @@ def set_remote_paths(source: dict[str, Any], downloads: str, dataset: str) -> No
         part = source.setdefault(section, {})
         if not part.get("cache_dir"):
             part["cache_dir"] = f"{downloads}/{cache}"
-        part.setdefault("manifest", f"{downloads}/{dataset}/{source.get('name', source['type'])}.{suffix}.json")
+        if not part.get("manifest"):
+            part["manifest"] = f"{downloads}/{dataset}/{source.get('name', source['type'])}.{suffix}.json"
 
 
 def _validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
@@ -97,24 +98,24 @@ def fetch_remote(source: dict[str, Any], parts: tuple[str, ...] = ("oqmd", "mp")
 
     The Materials Project key is checked before anything is fetched.
     """
-    from crystal_transfer.sources.materials_project import api_key_from_env, fetch_materials_project
-    from crystal_transfer.sources.oqmd import fetch_oqmd
+    from crystal_transfer.sources.materials_project import (
+        api_key_from_env,
+        fetch_materials_project,
+        mp_manifest_is_current,
+    )
+    from crystal_transfer.sources.oqmd import fetch_oqmd, oqmd_manifest_is_current
     from crystal_transfer.sources.oqmd_mp import oqmd_formulas
 
-    todo = [
-        (section, suffix)
-        for section, suffix, _ in REMOTE_PARTS.get(source["type"], [])
-        if suffix in parts and not Path(source[section]["manifest"]).is_file()
-    ]
-    if any(suffix == "mp" for _, suffix in todo):
-        api_key_from_env()
-    for section, suffix in todo:
-        options = source[section]
-        if suffix == "oqmd":
-            fetch_oqmd(options, options["manifest"], log=log)
-        else:
-            formulas = oqmd_formulas(source["oqmd"]) if source["type"] == "oqmd_mp" else []
-            fetch_materials_project(options, options["manifest"], formulas=formulas, log=log)
+    kinds = [suffix for _, suffix, _ in REMOTE_PARTS.get(source["type"], []) if suffix in parts]
+    if "mp" in kinds and not Path(source["materials_project"]["manifest"]).is_file():
+        api_key_from_env()  # fails before any request when the key is missing or malformed
+    if "oqmd" in kinds and not oqmd_manifest_is_current(source["oqmd"]):
+        fetch_oqmd(source["oqmd"], source["oqmd"]["manifest"], log=log)
+    if "mp" in kinds:
+        formulas = oqmd_formulas(source["oqmd"]) if source["type"] == "oqmd_mp" else []
+        if not mp_manifest_is_current(source["materials_project"], formulas):
+            manifest = source["materials_project"]["manifest"]
+            fetch_materials_project(source["materials_project"], manifest, formulas=formulas, log=log)
 
 
 def _cmd_fetch_remote(args: argparse.Namespace) -> int:

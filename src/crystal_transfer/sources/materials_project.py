@@ -27,6 +27,7 @@ from crystal_transfer.labels import unit_of
 from crystal_transfer.sources.base import RawCrystal, Source, SourceError, sha256_of
 from crystal_transfer.sources.fetch import (
     FetchError,
+    PoliteClient,
     RetryableError,
     RetryPolicy,
     query_digest,
@@ -126,6 +127,28 @@ def _is_transient(message: str) -> bool:
     return bool(re.search(r"status code (429|5\d\d)|timed out|Timeout|Connection|Max retries", message))
 
 
+def mp_query(options: dict[str, Any], formulas: list[str] | None = None) -> dict[str, Any]:
+    """What a ``materials_project`` config section (plus extra ``formulas``) asks for, as plain data."""
+    endpoint = str(options.get("endpoint") or DEFAULT_ENDPOINT)
+    return {
+        "endpoint": endpoint if endpoint.endswith("/") else endpoint + "/",
+        "fields": MP_FIELDS,
+        "formula": sorted(set(options.get("formulas") or []) | set(formulas or [])),
+        "chemsys": sorted(set(options.get("chemsys") or [])),
+        "batch_size": int(options.get("batch_size", 100)),
+        "chunk_size": int(options.get("chunk_size", 1000)),
+    }
+
+
+def mp_manifest_is_current(options: dict[str, Any], formulas: list[str] | None = None) -> bool:
+    """True when the manifest in ``options`` exists, is complete and was fetched for this very query."""
+    path = options.get("manifest")
+    if not path or not Path(path).is_file():
+        return False
+    manifest = json.loads(Path(path).read_text())
+    return bool(manifest.get("complete")) and manifest.get("query_sha256") == query_digest(mp_query(options, formulas))
+
+
 def fetch_materials_project(
     options: dict[str, Any],
     manifest: str | Path,
@@ -139,31 +162,26 @@ def fetch_materials_project(
     Writes and returns the manifest. The API key is checked first, before anything else happens.
     """
     key = api_key_from_env()
-    endpoint = str(options.get("endpoint") or DEFAULT_ENDPOINT)
-    if not endpoint.endswith("/"):
-        endpoint += "/"
+    query = mp_query(options, formulas)
+    endpoint, batch_size, chunk_size = query["endpoint"], query["batch_size"], query["chunk_size"]
     policy = RetryPolicy.from_options(options.get("http"))
-    batch_size = int(options.get("batch_size", 100))
-    chunk_size = int(options.get("chunk_size", 1000))
-    wanted = {
-        "formula": sorted(set(options.get("formulas") or []) | set(formulas or [])),
-        "chemsys": sorted(set(options.get("chemsys") or [])),
-    }
+    wanted = {"formula": query["formula"], "chemsys": query["chemsys"]}
     cache_dir = Path(options.get("cache_dir") or "results/downloads/materials_project")
     jobs: list[tuple[str, list[str], Path]] = []
     for criterion, values in wanted.items():
         for batch in _batches(values, batch_size):
-            query = {"endpoint": endpoint, "fields": MP_FIELDS, criterion: batch, "chunk_size": chunk_size}
-            jobs.append((criterion, batch, cache_dir / f"{criterion}-{query_digest(query)[:20]}.json"))
+            batch_query = {"endpoint": endpoint, "fields": MP_FIELDS, criterion: batch, "chunk_size": chunk_size}
+            jobs.append((criterion, batch, cache_dir / f"{criterion}-{query_digest(batch_query)[:20]}.json"))
     missing = [job for job in jobs if not job[2].is_file()]
     rester = None
     if missing:
+        _probe_heartbeat(endpoint, policy, log)
         rester = _summary_rester(key, endpoint, policy, log)
     for number, (criterion, batch, path) in enumerate(missing, start=1):
         assert rester is not None
 
         def search(criterion: str = criterion, batch: list[str] = batch) -> list[dict[str, Any]]:
-            return _search(rester, criterion, batch, chunk_size)
+            return _search(rester, key, criterion, batch, chunk_size)
 
         what = f"Materials Project summary search, batch {number}/{len(missing)} ({len(batch)} {criterion} values)"
         documents = with_retries(search, policy, what, log)
@@ -175,7 +193,7 @@ def fetch_materials_project(
     result = {
         "endpoint": endpoint,
         "fields": MP_FIELDS,
-        "query_sha256": query_digest({"endpoint": endpoint, **wanted, "batch_size": batch_size}),
+        "query_sha256": query_digest(query),
         "batches": batches,
         "documents": sum(len(json.loads(Path(b["file"]).read_text())["documents"]) for b in batches),
         "batches_from_cache": len(jobs) - len(missing),
@@ -187,6 +205,17 @@ def fetch_materials_project(
         f"({result['batches_from_cache']} from the cache) -> {manifest}"
     )
     return result
+
+
+def _probe_heartbeat(endpoint: str, policy: RetryPolicy, log: Callable[[str], None]) -> None:
+    """GET <endpoint>heartbeat with our timeouts and retries first: MPRester's own heartbeat has no timeout."""
+
+    def check(document: Any) -> None:
+        if not isinstance(document, dict) or "db_version" not in document:
+            raise RetryableError(f"unexpected heartbeat answer: {str(document)[:200]}")
+
+    heartbeat = PoliteClient(policy, log=log).get_json(f"{endpoint}heartbeat", validate=check)
+    log(f"Materials Project at {endpoint}: database version {heartbeat['db_version']}")
 
 
 def _summary_rester(key: str, endpoint: str, policy: RetryPolicy, log: Callable[[str], None]) -> Any:
@@ -213,7 +242,7 @@ def _summary_rester(key: str, endpoint: str, policy: RetryPolicy, log: Callable[
     return with_retries(connect, policy, f"Materials Project heartbeat at {endpoint}", log)
 
 
-def _search(summary: Any, criterion: str, batch: list[str], chunk_size: int) -> list[dict[str, Any]]:
+def _search(summary: Any, key: str, criterion: str, batch: list[str], chunk_size: int) -> list[dict[str, Any]]:
     import warnings
 
     try:
@@ -221,16 +250,26 @@ def _search(summary: Any, criterion: str, batch: list[str], chunk_size: int) -> 
             warnings.simplefilter("ignore")
             documents = summary.search(**{criterion: batch}, fields=MP_FIELDS, chunk_size=chunk_size, deprecated=False)
     except Exception as exc:  # mp_api wraps HTTP failures in MPRestError; requests may raise its own
-        message = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        message = f"{type(exc).__name__}: {' '.join(str(exc).split())}".replace(key, "<MP_API_KEY>")
         if _is_transient(message):
             raise RetryableError(message[:500]) from None
         raise FetchError(f"Materials Project summary search failed: {message[:500]}") from None
     return [dict(document) for document in documents]
 
 
-def mp_documents(options: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
-    """Yield (batch file name, its sha256, document) for every cached document of a finished fetch."""
+def mp_documents(
+    options: dict[str, Any], formulas: list[str] | None = None
+) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """Yield (batch file name, its sha256, document) for every cached document of a finished fetch.
+
+    The manifest must have been fetched for the query of ``options`` plus ``formulas``; SourceError if not.
+    """
     manifest = read_manifest(options, "mp")
+    if manifest.get("query_sha256") != query_digest(mp_query(options, formulas)):
+        raise SourceError(
+            f"Materials Project manifest {options['manifest']} was fetched for another query (endpoint, formulas "
+            "or chemical systems, batching); rerun the fetch"
+        )
     for batch in manifest["batches"]:
         path = Path(batch["file"])
         if not path.is_file() or sha256_of(path) != batch["sha256"]:

@@ -168,6 +168,16 @@ def fetch_oqmd(options: dict[str, Any], manifest: str | Path, log: Callable[[str
     return result
 
 
+def oqmd_manifest_is_current(options: dict[str, Any]) -> bool:
+    """True when the manifest in ``options`` exists, is complete and was fetched for this very query."""
+    path = options.get("manifest")
+    if not path or not Path(path).is_file():
+        return False
+    manifest = json.loads(Path(path).read_text())
+    digest = query_digest(OqmdQuery.from_options(options).as_dict())
+    return bool(manifest.get("complete")) and manifest.get("query_sha256") == digest
+
+
 def oqmd_pages(options: dict[str, Any]) -> Iterator[tuple[str, str, int, dict[str, Any]]]:
     """Yield (page file, its sha256, index in page, entry) for every cached entry of a fetched query."""
     manifest = read_manifest(options, "oqmd")

@@ -110,7 +110,7 @@ class OqmdMpSource(Source):
         buckets: dict[str, list[MpCandidate]] = defaultdict(list)
         seen: set[str] = set()
         unreadable: list[str] = []
-        for batch, _, document in mp_documents(self.mp):
+        for batch, _, document in mp_documents(self.mp, oqmd_formulas(self.oqmd)):
             material_id = str(document.get("material_id"))
             if material_id in seen:
                 continue
