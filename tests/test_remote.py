@@ -340,6 +340,20 @@ def test_missing_or_malformed_key_stops_before_any_request(
     assert "Traceback" not in err
     assert mp_server.log == []  # not even the heartbeat
     assert not (tmp_path / "cache").exists()
+
+    # The data stage run alone on an OQMD+MP config stops before its first OQMD request, too.
+    oqmd_part = {"base_url": "http://127.0.0.1:9", "cache_dir": str(tmp_path / "cache" / "oqmd")}
+    config = {
+        "results_dir": str(tmp_path / "results"),
+        "datasets": {"remote": {"sources": [{"type": "oqmd_mp", "oqmd": oqmd_part, "materials_project": options}]}},
+        "splits": {},
+    }
+    (tmp_path / "remote.yaml").write_text(json.dumps(config))
+    monkeypatch.delenv("MP_API_KEY")
+    args = ["data", "--config", str(tmp_path / "remote.yaml"), "--dataset", "remote", "--out", str(tmp_path / "o")]
+    assert cli_main(args) == 2
+    assert "MP_API_KEY is not set" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "results").exists()
     assert api_key_from_env({"MP_API_KEY": API_KEY}) == API_KEY
 
 
@@ -567,6 +581,9 @@ def test_snakemake_fetches_both_services_then_builds_the_table(
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "PYTHONPATH": str(REPO / "src"),
     }
+    # Page 40 fails more often than one fetch job retries (FAST: 5 attempts): the first job fails, and
+    # Snakemake's `retries:` reruns it, which takes page 0 from the cache.
+    oqmd_server.faults.scripted[40] = ["502"] * 6
     target = f"{results}/data/remote/crystals.parquet"
     command = [sys.executable, "-m", "snakemake", target, "--cores", "2", "--configfile", str(path)]
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
@@ -579,7 +596,8 @@ def test_snakemake_fetches_both_services_then_builds_the_table(
     assert any((results / "downloads" / "oqmd").rglob("offset-000000040.json"))
     report = json.loads((results / "data" / "remote" / "oqmd_mp.report.json").read_text())
     assert report["oqmd_entries"] == 80 and report["matched"] > 0
-    assert oqmd_server.offsets() == [0, 40]
+    assert oqmd_server.offsets() == [0] + [40] * 7
+    assert "Error in rule fetch_oqmd" in output  # the first attempt failed; the retry resumed
     assert API_KEY not in output and API_KEY not in all_text_under(results)
 
 
