@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -173,19 +174,19 @@ def fetch_materials_project(
             batch_query = {"endpoint": endpoint, "fields": MP_FIELDS, criterion: batch, "chunk_size": chunk_size}
             jobs.append((criterion, batch, cache_dir / f"{criterion}-{query_digest(batch_query)[:20]}.json"))
     missing = [job for job in jobs if not job[2].is_file()]
-    rester = None
     if missing:
         _probe_heartbeat(endpoint, policy, log)
         rester = _summary_rester(key, endpoint, policy, log)
-    for number, (criterion, batch, path) in enumerate(missing, start=1):
-        assert rester is not None
+        for number, (criterion, batch, path) in enumerate(missing, start=1):
+            if number > 1:
+                time.sleep(policy.min_interval)  # a polite request rate between batches
 
-        def search(criterion: str = criterion, batch: list[str] = batch) -> list[dict[str, Any]]:
-            return _search(rester, key, criterion, batch, chunk_size)
+            def search(criterion: str = criterion, batch: list[str] = batch) -> list[dict[str, Any]]:
+                return _search(rester, key, criterion, batch, chunk_size)
 
-        what = f"Materials Project summary search, batch {number}/{len(missing)} ({len(batch)} {criterion} values)"
-        documents = with_retries(search, policy, what, log)
-        write_json(path, {"criterion": criterion, "values": batch, "documents": documents})
+            what = f"Materials Project summary search, batch {number}/{len(missing)} ({len(batch)} {criterion} values)"
+            documents = with_retries(search, policy, what, log)
+            write_json(path, {"criterion": criterion, "values": batch, "documents": documents})
     batches = [
         {"file": str(path), "criterion": criterion, "values": len(batch), "sha256": sha256_of(path)}
         for criterion, batch, path in jobs
