@@ -354,6 +354,14 @@ def test_missing_or_malformed_key_stops_before_any_request(
     assert cli_main(args) == 2
     assert "MP_API_KEY is not set" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists() and not (tmp_path / "results").exists()
+
+    # A well-formed key the service refuses: the search fails with the status, not with the key.
+    wrong = "W" * 32
+    monkeypatch.setenv("MP_API_KEY", wrong)
+    with pytest.raises(FetchError, match="403") as refused:
+        fetch_materials_project(options, options["manifest"], log=quiet)
+    assert wrong not in str(refused.value)
+    assert {e.headers.get("x-api-key") for e in mp_server.requests_to(MpServer.SUMMARY)} == {wrong}
     assert api_key_from_env({"MP_API_KEY": API_KEY}) == API_KEY
 
 

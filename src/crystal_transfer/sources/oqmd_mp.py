@@ -70,19 +70,46 @@ def oqmd_formulas(oqmd_options: dict[str, Any]) -> list[str]:
 
 
 class MpCandidate:
-    """One Materials Project document as a matching candidate."""
+    """One Materials Project document as a matching candidate; its structure is built on first use."""
 
     def __init__(self, document: dict[str, Any], batch: str) -> None:
-        from pymatgen.core import Structure
-
         self.document = document
         self.id = str(document.get("material_id"))
         self.batch = batch
         self.icsd = icsd_ids(document)
+        self.unreadable = False
+        self._structure: Any = None
+        formula = _reduced_formula(document.get("formula_pretty"))
+        if formula is None and self.structure is not None:
+            formula = self.structure.composition.reduced_formula
+        self.formula = formula
+
+    @property
+    def structure(self) -> Any:
+        """The pymatgen Structure of the document, or None (and ``unreadable`` set) when it cannot be built."""
+        if self._structure is None and not self.unreadable:
+            from pymatgen.core import Structure
+
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self._structure = Structure.from_dict(self.document["structure"])
+            except Exception:  # missing or malformed structure: this candidate cannot be matched
+                self.unreadable = True
+        return self._structure
+
+
+def _reduced_formula(formula: Any) -> str | None:
+    from pymatgen.core import Composition
+
+    if not isinstance(formula, str) or not formula:
+        return None
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.structure = Structure.from_dict(document["structure"])
-        self.formula = self.structure.composition.reduced_formula
+            return Composition(formula).reduced_formula
+    except Exception:  # not a formula pymatgen can read
+        return None
 
 
 class OqmdMpSource(Source):
@@ -106,22 +133,18 @@ class OqmdMpSource(Source):
         labels = [*SCALAR_LABELS, *MODULUS_LABELS, *self.oqmd_columns]
         return {label: unit_of(label) for label in labels}
 
-    def _candidates(self) -> tuple[dict[str, list[MpCandidate]], int, list[str]]:
+    def _candidates(self) -> dict[str, list[MpCandidate]]:
+        """MP documents bucketed by reduced formula (each material once)."""
         buckets: dict[str, list[MpCandidate]] = defaultdict(list)
         seen: set[str] = set()
-        unreadable: list[str] = []
         for batch, _, document in mp_documents(self.mp, oqmd_formulas(self.oqmd)):
             material_id = str(document.get("material_id"))
             if material_id in seen:
                 continue
             seen.add(material_id)
-            try:
-                candidate = MpCandidate(document, batch)
-            except Exception:  # a document without a readable structure cannot be matched
-                unreadable.append(material_id)
-                continue
-            buckets[candidate.formula].append(candidate)
-        return buckets, len(seen), unreadable
+            candidate = MpCandidate(document, batch)
+            buckets[candidate.formula or ""].append(candidate)
+        return buckets
 
     def crystals(self) -> Iterator[RawCrystal]:
         from pymatgen.analysis.structure_matcher import StructureMatcher
@@ -129,7 +152,7 @@ class OqmdMpSource(Source):
         matcher = StructureMatcher(
             ltol=float(self.match["ltol"]), stol=float(self.match["stol"]), angle_tol=float(self.match["angle_tol"])
         )
-        buckets, mp_total, mp_unreadable = self._candidates()
+        buckets = self._candidates()
         outcomes: Counter[str] = Counter()
         pairs: list[dict[str, Any]] = []
         claimed: dict[str, str] = {}
@@ -156,6 +179,9 @@ class OqmdMpSource(Source):
             raw.rejection = rejection
             yield raw
         matched_ids = {pair["mp_id"] for pair in pairs}
+        everyone = [candidate for bucket in buckets.values() for candidate in bucket]
+        mp_total = len(everyone)
+        mp_unreadable = [candidate.id for candidate in everyone if candidate.unreadable]
         self._report = {
             "source": self.name,
             "outcomes": dict(sorted(outcomes.items())),
@@ -191,7 +217,7 @@ class OqmdMpSource(Source):
             return "no_mp_formula", Rejection(NO_MATCH, message), None, False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fits = [candidate for candidate in candidates if matcher.fit(structure, candidate.structure)]
+            fits = [c for c in candidates if c.structure is not None and matcher.fit(structure, c.structure)]
         if not fits:
             ids = ", ".join(candidate.id for candidate in candidates[:10])
             message = (
