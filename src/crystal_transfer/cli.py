@@ -47,8 +47,31 @@ def dataset_spec(config: dict[str, Any], name: str) -> dict[str, Any]:
     for source in spec["sources"]:
         if source["type"] == "matminer_legacy":
             source.setdefault("archive", str(downloads / f"matminer-{source['version']}.tar.gz"))
+        set_remote_paths(source, str(downloads), name)
     spec["filters"] = config["filters"]
     return spec
+
+
+# source type -> the remote services it reads (config section, manifest suffix, default cache folder)
+REMOTE_PARTS: dict[str, list[tuple[str, str, str]]] = {
+    "oqmd": [("oqmd", "oqmd", "oqmd")],
+    "materials_project": [("materials_project", "mp", "materials_project")],
+    "oqmd_mp": [("oqmd", "oqmd", "oqmd"), ("materials_project", "mp", "materials_project")],
+}
+
+
+def set_remote_paths(source: dict[str, Any], downloads: str, dataset: str) -> None:
+    """Fill in a remote source's cache folders and fetch manifests under ``downloads`` (in place).
+
+    Manifests: ``<downloads>/<dataset>/<source name>.{oqmd,mp}.json``; caches: ``<downloads>/oqmd`` and
+    ``<downloads>/materials_project`` unless the config names a ``cache_dir``.
+    """
+    for section, suffix, cache in REMOTE_PARTS.get(source["type"], []):
+        part = source.setdefault(section, {})
+        if not part.get("cache_dir"):
+            part["cache_dir"] = f"{downloads}/{cache}"
+        if not part.get("manifest"):
+            part["manifest"] = f"{downloads}/{dataset}/{source.get('name', source['type'])}.{suffix}.json"
 
 
 def _validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
@@ -72,6 +95,58 @@ def _cmd_fetch_matminer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate_source(spec: dict[str, Any]) -> dict[str, Any]:
+    from crystal_transfer.config import validate_config
+
+    config = validate_config({"datasets": {"spec": {"sources": [spec]}}, "splits": {}})
+    return config["datasets"]["spec"]["sources"][0]
+
+
+def _read_spec(text: str) -> dict[str, Any]:
+    return json.loads(Path(text[1:]).read_text() if text.startswith("@") else text)
+
+
+def fetch_remote(source: dict[str, Any], parts: tuple[str, ...] = ("oqmd", "mp"), log=print) -> None:
+    """Fetch what a remote source needs (OQMD pages, then MP documents), skipping parts already fetched.
+
+    The Materials Project key is checked before anything is fetched.
+    """
+    from crystal_transfer.sources.materials_project import (
+        api_key_from_env,
+        fetch_materials_project,
+        mp_manifest_is_current,
+    )
+    from crystal_transfer.sources.oqmd import fetch_oqmd, oqmd_manifest_is_current
+    from crystal_transfer.sources.oqmd_mp import oqmd_formulas
+
+    kinds = [suffix for _, suffix, _ in REMOTE_PARTS.get(source["type"], []) if suffix in parts]
+    if "mp" in kinds and not Path(source["materials_project"]["manifest"]).is_file():
+        api_key_from_env()  # fails before any request when the key is missing or malformed
+    if "oqmd" in kinds and not oqmd_manifest_is_current(source["oqmd"]):
+        fetch_oqmd(source["oqmd"], source["oqmd"]["manifest"], log=log)
+    if "mp" in kinds:
+        formulas = oqmd_formulas(source["oqmd"]) if source["type"] == "oqmd_mp" else []
+        if not mp_manifest_is_current(source["materials_project"], formulas):
+            manifest = source["materials_project"]["manifest"]
+            fetch_materials_project(source["materials_project"], manifest, formulas=formulas, log=log)
+
+
+def _cmd_fetch_remote(args: argparse.Namespace) -> int:
+    source = _validate_source(_read_spec(args.spec))
+    if source["type"] not in REMOTE_PARTS:
+        raise ConfigError(f"source type '{source['type']}' is not a remote source ({', '.join(REMOTE_PARTS)})")
+    part = args.part
+    sections = {suffix: section for section, suffix, _ in REMOTE_PARTS[source["type"]]}
+    if part not in sections:
+        raise ConfigError(f"source '{source['name']}' of type {source['type']} has no '{part}' part")
+    options = source[sections[part]]
+    options["manifest"] = args.out
+    if Path(args.out).is_file():
+        Path(args.out).unlink()  # asked explicitly: refresh the manifest (cached pages are still reused)
+    fetch_remote(source, parts=(part,))
+    return 0
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     from crystal_transfer.dataset import build_dataset
     from crystal_transfer.sources.matminer_legacy import fetch_archive
@@ -85,9 +160,20 @@ def _cmd_data(args: argparse.Namespace) -> int:
             raise ConfigError("give --config FILE and --dataset NAME (or --spec JSON)")
         spec = dataset_spec(load_config(args.config), args.dataset)
         name = args.dataset
+        remote = [source for source in spec["sources"] if source["type"] in REMOTE_PARTS]
+        if any(
+            not Path(source["materials_project"]["manifest"]).is_file()
+            for source in remote
+            if "materials_project" in source
+        ):
+            from crystal_transfer.sources.materials_project import api_key_from_env
+
+            api_key_from_env()  # before any work
         for source in spec["sources"]:
             if source["type"] == "matminer_legacy" and not Path(source["archive"]).is_file():
                 fetch_archive(Path(source["archive"]).parent, source["version"], source["sha256"])
+        for source in remote:
+            fetch_remote(source)
     build_dataset(name, spec, args.out, workers=args.workers)
     return 0
 
@@ -173,13 +259,29 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--sha256", default="3faf9e83464f3d48f68a759bf476ad24da4c8c3e950c8f340cb917d3bb906400")
     fetch.set_defaults(func=_cmd_fetch_matminer)
 
+    for part, service in (("oqmd", "the OQMD REST API"), ("mp", "the Materials Project (needs MP_API_KEY)")):
+        fetch_part = sub.add_parser(
+            f"fetch-{part}",
+            help=f"fetch a remote source's data from {service}, resuming from the cache",
+            description=(
+                f"Fetch what a remote source (oqmd, materials_project, oqmd_mp) needs from {service}. Every page "
+                "or batch is cached on disk; a rerun after an interruption fetches only what is missing. Writes "
+                "a manifest listing the cached files, which the data stage reads (offline)."
+            ),
+        )
+        fetch_part.add_argument("--spec", required=True, help="the source's config entry as JSON (or @file)")
+        fetch_part.add_argument("--out", required=True, help="manifest to write")
+        fetch_part.set_defaults(func=_cmd_fetch_remote, part=part)
+
     data = sub.add_parser(
         "data",
         help="build a dataset's canonical crystal table",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "The data stage. Reads every source of a dataset (matminer_legacy: MP tables from the matminer\n"
-            "0.3.9 source archive; local: a folder or tarball of CIF/POSCAR files plus a labels CSV), parses\n"
+            "0.3.9 source archive; local: a folder or tarball of CIF/POSCAR files plus a labels CSV; oqmd,\n"
+            "materials_project, oqmd_mp: pages fetched from the OQMD / Materials Project, fetched first when\n"
+            "run with --config; MP needs MP_API_KEY), parses\n"
             "each structure once, and drops, with a recorded reason: unparsable or empty files, partial\n"
             "occupancies, elements above filters.max_z (default 80), non-finite labels, crystals with no\n"
             "label, duplicate ids, label rows without a structure and structures without a label row, unsafe\n"

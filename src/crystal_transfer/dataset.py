@@ -8,6 +8,8 @@ Outputs in the dataset folder:
   label), ``source_file`` and ``source_sha256`` (provenance).
 - ``rejected.csv``: ``id, source, source_file, reason, message`` for every record not kept.
 - ``summary.json``: counts read / kept / rejected, per reason and per source, labels present.
+- ``<source>.report.json``: for sources that give an account of their reading (``oqmd_mp``: the match
+  report, counts per outcome and the OQMD-MP pairs).
 """
 
 from __future__ import annotations
@@ -233,6 +235,7 @@ def build_dataset(
         kept.append(crystal)
         raw.text = ""  # the arrays are all we keep
 
+    reports = {source.name: report for source in sources if (report := source.report()) is not None}
     duplicates = _cross_source_duplicates(kept, names)
     for index, rejection in sorted(duplicates.items()):
         reject(kept[index].raw, kept[index].source, rejection)
@@ -260,6 +263,8 @@ def build_dataset(
     if not kept or fraction > limit:
         failed = out_dir / f"failed-{REJECTED_FILE}"
         write_text(failed, _rejected_csv(rejected))
+        for source_name, report in reports.items():
+            write_json(out_dir / f"failed-{source_name}.report.json", report)
         reasons = ", ".join(f"{reason} {count}" for reason, count in by_reason.most_common())
         raise DataStageError(
             f"dataset '{name}': rejected {len(rejected)} of {total} records ({fraction:.1%}), more than "
@@ -277,6 +282,8 @@ def build_dataset(
     with atomic_path(out_dir / TABLE_FILE) as tmp:
         pq.write_table(_table(kept, units, metadata), tmp, compression="zstd")
     write_text(out_dir / REJECTED_FILE, _rejected_csv(rejected))
+    for source_name, report in reports.items():
+        write_json(out_dir / f"{source_name}.report.json", report)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     write_json(out_dir / SUMMARY_FILE, summary)
     log(format_summary(summary))

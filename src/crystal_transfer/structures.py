@@ -7,6 +7,7 @@ inside pymatgen escapes as a traceback.
 from __future__ import annotations
 
 import ast
+import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -26,6 +27,10 @@ MISSING_STRUCTURE = "missing_structure"
 MISSING_LABELS = "missing_labels"
 UNSAFE_PATH = "unsafe_path"
 UNKNOWN_FORMAT = "unknown_format"
+# Remote sources (OQMD, Materials Project) and the matching of the two.
+INCONSISTENT_MODULI = "inconsistent_moduli"
+NO_MATCH = "no_match"
+AMBIGUOUS_MATCH = "ambiguous_match"
 
 
 class Rejection(Exception):
@@ -50,7 +55,35 @@ class ParsedCrystal:
     frac_coords: np.ndarray  # (n, 3)
 
 
-FORMATS = ("cif", "poscar", "pymatgen_dict")
+FORMATS = ("cif", "poscar", "pymatgen_dict", "pymatgen_json", "oqmd_sites")
+
+
+def oqmd_sites_text(unit_cell: object, sites: object) -> str:
+    """Structure text of format ``oqmd_sites``: the OQMD REST fields ``unit_cell`` and ``sites`` as JSON."""
+    return json.dumps({"unit_cell": unit_cell, "sites": sites})
+
+
+def structure_from_oqmd(unit_cell: object, sites: object):
+    """A pymatgen Structure from OQMD's ``unit_cell`` (3 lattice rows, Å) and ``sites`` ("El @ fx fy fz")."""
+    from pymatgen.core import Lattice, Structure
+
+    rows = np.asarray(unit_cell, dtype=np.float64)
+    if rows.shape != (3, 3):
+        raise ValueError(f"unit_cell has shape {rows.shape}, expected 3 rows of 3 numbers")
+    if not isinstance(sites, list) or not sites:
+        raise ValueError("sites is empty or not a list")
+    species: list[str] = []
+    coords: list[list[float]] = []
+    for site in sites:
+        if not isinstance(site, str) or "@" not in site:
+            raise ValueError(f"site {site!r} is not of the form 'El @ fx fy fz'")
+        element, _, position = site.partition("@")
+        numbers = position.split()
+        if len(numbers) < 3 or not element.strip():
+            raise ValueError(f"site {site!r} is not of the form 'El @ fx fy fz'")
+        species.append(element.strip())
+        coords.append([float(x) for x in numbers[:3]])
+    return Structure(Lattice(rows), species, coords)
 
 
 def _load_structure(fmt: str, text: str):
@@ -70,6 +103,11 @@ def _load_structure(fmt: str, text: str):
         return Poscar.from_str(text, read_velocities=False).structure
     if fmt == "pymatgen_dict":
         return Structure.from_dict(ast.literal_eval(text))
+    if fmt == "pymatgen_json":
+        return Structure.from_dict(json.loads(text))
+    if fmt == "oqmd_sites":
+        fields = json.loads(text)
+        return structure_from_oqmd(fields["unit_cell"], fields["sites"])
     raise ValueError(f"unknown structure format '{fmt}' (known: {', '.join(FORMATS)})")
 
 

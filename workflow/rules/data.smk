@@ -4,6 +4,8 @@
 
 localrules:
     fetch_matminer,
+    fetch_oqmd,
+    fetch_materials_project,
 
 
 rule fetch_matminer:
@@ -24,6 +26,42 @@ rule fetch_matminer:
     shell:
         "python -m crystal_transfer fetch-matminer --out {output} --version {wildcards.version} "
         "--sha256 {params.sha256} > {log} 2>&1"
+
+
+rule fetch_oqmd:
+    output:
+        f"{RESULTS}/downloads/{{dataset}}/{{source}}.oqmd.json",
+    log:
+        f"{RESULTS}/logs/fetch_oqmd-{{dataset}}-{{source}}.log",
+    wildcard_constraints:
+        dataset=r"[^/.]+",
+        source=r"[^/.]+",
+    params:
+        spec=lambda wc: json.dumps(remote_source_spec(wc.dataset, wc.source), sort_keys=True),
+    retries: 3
+    conda:
+        "../../envs/pipeline.yaml"
+    shell:
+        "python -m crystal_transfer fetch-oqmd --spec {params.spec:q} --out {output} > {log} 2>&1"
+
+
+rule fetch_materials_project:
+    input:
+        mp_fetch_inputs,
+    output:
+        f"{RESULTS}/downloads/{{dataset}}/{{source}}.mp.json",
+    log:
+        f"{RESULTS}/logs/fetch_materials_project-{{dataset}}-{{source}}.log",
+    wildcard_constraints:
+        dataset=r"[^/.]+",
+        source=r"[^/.]+",
+    params:
+        spec=lambda wc: json.dumps(remote_source_spec(wc.dataset, wc.source), sort_keys=True),
+    retries: 3
+    conda:
+        "../../envs/pipeline.yaml"
+    shell:
+        "python -m crystal_transfer fetch-mp --spec {params.spec:q} --out {output} > {log} 2>&1"
 
 
 rule data:

@@ -66,6 +66,11 @@ class Source(ABC):
     def crystals(self) -> Iterator[RawCrystal]:
         """Yield every record of the source, usable or not."""
 
+    def report(self) -> dict[str, Any] | None:
+        """A JSON-able account of the last :meth:`crystals` pass that the dataset builder saves beside the
+        table as ``<source name>.report.json`` (e.g. how remote records were matched), or None."""
+        return None
+
 
 def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file."""
