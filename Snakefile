@@ -1,6 +1,7 @@
 # CGCNN transfer learning for crystal properties. Run: snakemake --cores 8 all
 # (other configs: --configfile configs/mp2018.yaml; SLURM: --workflow-profile profiles/slurm).
 import json
+import os
 import re
 
 from snakemake.utils import min_version, validate
@@ -25,6 +26,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/graphs.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/transfer.smk"
+include: "workflow/rules/curves.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -11,6 +11,11 @@ from pathlib import Path
 from typing import Any
 
 
+def _depth(text: str) -> int | str:
+    """A feature level: an integer number of convolutions, or 'crystal'."""
+    return text if text == "crystal" else int(text)
+
+
 def _json_arg(text: str) -> Any:
     """JSON given inline or as @file."""
     return json.loads(Path(text[1:]).read_text() if text.startswith("@") else text)
@@ -130,6 +135,26 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_atomsets(args: argparse.Namespace) -> int:
+    from crystal_transfer.atomsets import SetModelSettings, train_set_model
+    from crystal_transfer.splits import read_split
+    from crystal_transfer.transfer import load_frozen_features
+
+    settings = SetModelSettings(**_json_arg(args.spec))
+    split = read_split(args.split)
+    if args.train_size:
+        split = {**split, "train": split["train"][: args.train_size]}
+    result = train_set_model(load_frozen_features(args.cache), args.table, split, args.target, settings, args.seed,
+                             args.out)
+    result["source"] = args.name
+    from crystal_transfer.atomic import write_json
+
+    write_json(Path(args.out) / "test.json", result)
+    print(f"AtomSets on {args.name} features at level {result['level']}: {result['train_size']} training crystals, "
+          f"test MAE {result['test_mae']:.4f} ({result['seconds']} s)")
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from crystal_transfer.predict import predict_to_csv
 
@@ -162,7 +187,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     frozen = sub.add_parser("frozen-features", help="cache the atom features after a frozen trunk's first k layers")
     frozen.add_argument("--source", required=True, help="saved model folder of the pretrained trunk")
-    frozen.add_argument("--depth", type=int, required=True, help="frozen convolutions (embedding always frozen)")
+    frozen.add_argument("--depth", type=_depth, required=True,
+                        help="frozen convolutions (0: the embedding alone) or 'crystal' (the pooled crystal vector)")
     frozen.add_argument("--graphs", required=True)
     frozen.add_argument("--table", required=True)
     frozen.add_argument("--split", required=True, help="split CSV: features are cached for all its crystals")
@@ -184,6 +210,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     transfer.add_argument("--spec", required=True, help='{"train": {...}, "architecture": {...}} as JSON')
     transfer.add_argument("--out", required=True)
     transfer.set_defaults(func=_cmd_transfer)
+
+    atomsets = sub.add_parser("atomsets", help="train a small set model on a frozen trunk's cached features")
+    atomsets.add_argument("--name", required=True, help="name of the source model")
+    atomsets.add_argument("--cache", required=True, help="frozen-feature cache (frozen-features --depth k|crystal)")
+    atomsets.add_argument("--table", required=True)
+    atomsets.add_argument("--split", required=True)
+    atomsets.add_argument("--target", required=True)
+    atomsets.add_argument("--train-size", type=int, default=0, help="use only the first N training crystals")
+    atomsets.add_argument("--seed", type=int, default=0)
+    atomsets.add_argument("--spec", default="{}", help="set-model settings as JSON (hidden, pooling, epochs, lr...)")
+    atomsets.add_argument("--out", required=True)
+    atomsets.set_defaults(func=_cmd_atomsets)
 
     predict = sub.add_parser("predict", help="predict with any saved model")
     predict.add_argument("--model", required=True, help="saved model folder")

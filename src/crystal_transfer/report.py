@@ -311,6 +311,13 @@ def build_report(spec: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
             params["attention"],
         )
         summary["figure6_parameters"] = params
+    if spec.get("curves"):
+        curves_frame = read_results(spec["curves"])
+        learning_curves_figure(curves_frame, out / "learning_curves.png", spec["target_unit"])
+        summary["learning_curves"] = (
+            curves_frame.groupby(["mode", "train_size"])["test_mae"].agg(["mean", "std", "count"]).reset_index()
+            .to_dict(orient="records")
+        )
     cells = results.groupby(["source", "depth"])["test_mae"].mean()
     best_source, best_depth = cells.idxmin()
     best = results[(results["source"] == best_source) & (results["depth"] == best_depth)].sort_values("seed").iloc[0]

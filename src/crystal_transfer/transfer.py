@@ -77,31 +77,31 @@ def build_transfer_model(
 
 
 @torch.no_grad()
-def compute_frozen_features(
-    model: CGCNN, depth: int, dataset: GraphDataset, batch_size: int = 256, device: str | torch.device = "cpu"
-) -> dict[str, Any]:
-    """Atom features after the embedding and the first ``depth`` convolutions (eval mode) of every crystal.
+def compute_frozen_features(model: CGCNN, depth: int | str, dataset: GraphDataset, batch_size: int = 256,
+                            device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Features of every crystal from a frozen trunk (eval mode), at ``depth``.
 
-    Returns ``{"ids", "offsets", "features", "depth"}``: crystal ``i``'s atoms are rows
-    ``offsets[i]:offsets[i+1]`` of ``features`` (float32).
+    ``depth`` k: atom features after the embedding and the first k convolutions (0: the embedding alone);
+    ``"crystal"``: the pooled crystal vector after ``conv_to_fc`` (one row per crystal). Returns
+    ``{"ids", "offsets", "features", "depth"}``: crystal ``i`` owns rows ``offsets[i]:offsets[i+1]``.
     """
     model = model.to(device).eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=dataset.collate)
     chunks, ids, sizes = [], [], []
     for batch in loader:
         batch = batch.to(device)
-        chunks.append(model.atom_features(batch, depth=depth).float().cpu())
+        if depth == "crystal":
+            chunks.append(model.crystal_features(batch).float().cpu())
+            sizes.append(torch.ones(batch.num_crystals, dtype=torch.long))
+        else:
+            chunks.append(model.atom_features(batch, depth=int(depth)).float().cpu())
+            sizes.append(torch.bincount(batch.crystal, minlength=batch.num_crystals).cpu())
         ids.extend(batch.ids)
-        sizes.append(torch.bincount(batch.crystal, minlength=batch.num_crystals).cpu())
     counts = torch.cat(sizes) if sizes else torch.zeros(0, dtype=torch.long)
     offsets = torch.zeros(len(counts) + 1, dtype=torch.long)
     offsets[1:] = torch.cumsum(counts, 0)
-    return {
-        "ids": ids,
-        "offsets": offsets,
-        "features": torch.cat(chunks) if chunks else torch.zeros(0, 0),
-        "depth": depth,
-    }
+    return {"ids": ids, "offsets": offsets, "features": torch.cat(chunks) if chunks else torch.zeros(0, 0),
+            "depth": depth}
 
 
 def save_frozen_features(cache: dict[str, Any], path: str | Path, provenance: dict[str, Any]) -> None:

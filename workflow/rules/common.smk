@@ -133,7 +133,7 @@ ROLE_LABELS = {
 }
 
 
-def report_spec(results):
+def report_spec(results, curves=()):
     """What the report stage reads: the result files, the sources with their labels and study roles."""
     sources = []
     for name in config["transfer"]["sources"]:
@@ -151,6 +151,7 @@ def report_spec(results):
         "target_unit": "eV",
         "table3": None,
         "figure6": None,
+        "curves": list(curves),
     }
     table3 = config["report"].get("table3")
     if table3:
@@ -178,3 +179,28 @@ def report_figure6_outputs():
     if not config["report"].get("figure6"):
         return []
     return report(f"{RESULTS}/report/fig6_attention.png", caption="../report/fig6.rst", category="Figures")
+
+
+def atomsets_spec():
+    """Set-model settings of the AtomSets curve (the level is the cache's, not a training setting)."""
+    return {k: v for k, v in config["learning_curves"]["atomsets"].items() if k != "level"}
+
+
+def curve_results():
+    """test.json of every learning-curve point named by the config (none without a learning_curves section)."""
+    curves = config.get("learning_curves")
+    if not curves:
+        return []
+    split = config["transfer"]["split"]
+    return [
+        f"{RESULTS}/curves/{split}/{mode}/n{size}/seed{seed}/test.json"
+        for mode in curves["modes"]
+        for size in curves["train_sizes"]
+        for seed in curves["seeds"]
+    ]
+
+
+def report_curves_outputs():
+    if not config.get("learning_curves"):
+        return []
+    return report(f"{RESULTS}/report/learning_curves.png", caption="../report/curves.rst", category="Figures")

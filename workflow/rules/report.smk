@@ -6,6 +6,7 @@ rule report:
     input:
         results=transfer_results(),
         figure6=figure6_inputs(),
+        curves=curve_results(),
     output:
         table2=report(f"{RESULTS}/report/table2.csv", caption="../report/table2.rst", category="Tables"),
         table2_md=f"{RESULTS}/report/table2.md",
@@ -14,6 +15,7 @@ rule report:
             f"{RESULTS}/report/fig5_loss_curves.png", caption="../report/fig5.rst", category="Figures"
         ),
         fig6=report_figure6_outputs(),
+        curves=report_curves_outputs(),
         parity=report(f"{RESULTS}/report/parity_best.png", caption="../report/parity.rst", category="Figures"),
         summary=f"{RESULTS}/report/summary.json",
     log:
@@ -21,8 +23,8 @@ rule report:
     benchmark:
         f"{RESULTS}/benchmarks/report.tsv"
     params:
-        spec=lambda wc, input: json.dumps(report_spec(input.results), sort_keys=True),
-        out=f"{RESULTS}/report",
+        spec=lambda wc, input: json.dumps(report_spec(input.results, input.curves), sort_keys=True),
+        out=lambda wc, output: os.path.dirname(output.summary),
     conda:
         "../../envs/pipeline.yaml"
     shell:

@@ -16,6 +16,7 @@ rule frozen_features:
     benchmark:
         f"{RESULTS}/benchmarks/frozen_features-{{split}}-{{source}}-{{depth}}.tsv"
     params:
+        target=config["transfer"]["target"],
         source=lambda wc: f"{RESULTS}/models/{wc.source}/model",
         graphs=lambda wc: transfer_graph_dir(),
     resources:
@@ -46,6 +47,7 @@ rule transfer:
         source=model_names("any"),
         depth=r"[1-9]\d*",
     params:
+        target=config["transfer"]["target"],
         source=lambda wc: f"{RESULTS}/models/{wc.source}/model",
         graphs=lambda wc: transfer_graph_dir(),
         out=lambda wc: f"{RESULTS}/transfer/{wc.split}/{wc.source}/depth{wc.depth}/seed{wc.seed}",
@@ -57,7 +59,7 @@ rule transfer:
         "../../envs/pipeline.yaml"
     shell:
         "python -m crystal_transfer transfer --name {wildcards.source} --source {params.source} --mode freeze "
-        "--depth {wildcards.depth} --seed {wildcards.seed} --target {config[transfer][target]} "
+        "--depth {wildcards.depth} --seed {wildcards.seed} --target {params.target} "
         "--graphs {params.graphs} --table {input.table} --split {input.split} {params.cache} "
         "--spec {params.spec:q} --out {params.out} > {log} 2>&1"
 
@@ -76,6 +78,7 @@ rule baseline:
     benchmark:
         f"{RESULTS}/benchmarks/baseline-{{split}}-{{seed}}.tsv"
     params:
+        target=config["transfer"]["target"],
         graphs=lambda wc: transfer_graph_dir(),
         out=lambda wc: f"{RESULTS}/transfer/{wc.split}/scratch/depth0/seed{wc.seed}",
         spec=lambda wc: json.dumps(transfer_spec(), sort_keys=True),
@@ -85,5 +88,5 @@ rule baseline:
         "../../envs/pipeline.yaml"
     shell:
         "python -m crystal_transfer transfer --name scratch --mode scratch --seed {wildcards.seed} "
-        "--target {config[transfer][target]} --graphs {params.graphs} --table {input.table} "
+        "--target {params.target} --graphs {params.graphs} --table {input.table} "
         "--split {input.split} --spec {params.spec:q} --out {params.out} > {log} 2>&1"

@@ -1,0 +1,86 @@
+"""The whole chain on configs/tiny.yaml through Snakemake: data, graphs, pretraining, transfer, curves, report.
+
+Checks the tables' shape and that every number in them comes from a job's test.json, that the figures exist,
+that a rerun has nothing to do, and that the HTML report builds.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import REPO
+
+
+def snakemake(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=REPO, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    results = tmp_path_factory.mktemp("tiny") / "results"
+    result = snakemake("all", "--cores", "2", "--configfile", "configs/tiny.yaml", "--config",
+                       f"results_dir={results}")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return results
+
+
+def test_tables_have_the_study_layout_and_come_from_job_files(tiny_run: Path) -> None:
+    config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    transfer = config["transfer"]
+    table2 = pd.read_csv(tiny_run / "report" / "table2.csv")
+    assert list(table2["source"])[0] == "baseline (from scratch)"
+    assert len(table2) == 1 + len(transfer["sources"])
+    for depth in transfer["depths"]:
+        assert {f"mae_{depth}", f"std_{depth}", f"study_{depth}", f"p_{depth}"} <= set(table2.columns)
+    base = tiny_run / "transfer" / transfer["split"]
+    for row, source in zip(table2.itertuples(), ["scratch"] + transfer["sources"], strict=True):
+        for depth in transfer["depths"]:
+            folder_depth = 0 if source == "scratch" else depth
+            values = [json.loads((base / source / f"depth{folder_depth}" / f"seed{seed}" / "test.json").read_text())
+                      ["test_mae"] for seed in transfer["seeds"]]
+            assert getattr(row, f"mae_{depth}") == pytest.approx(np.mean(values), rel=1e-9)
+            assert getattr(row, f"std_{depth}") == pytest.approx(np.std(values, ddof=1), rel=1e-9)
+            # each job's MAE is the mean absolute error of its own predictions file
+            for seed in transfer["seeds"]:
+                job = base / source / f"depth{folder_depth}" / f"seed{seed}"
+                predictions = pd.read_csv(job / "predictions.csv")
+                recorded = json.loads((job / "test.json").read_text())["test_mae"]
+                assert (predictions["target"] - predictions["prediction"]).abs().mean() == pytest.approx(
+                    recorded, abs=1e-5)
+    assert table2.loc[1, "study_1"] == pytest.approx(0.797)  # the study's published value sits beside ours
+    markdown = (tiny_run / "report" / "table2.md").read_text()
+    assert "| baseline (from scratch) |" in markdown and "0.812" in markdown
+    table3 = pd.read_csv(tiny_run / "report" / "table3.csv")
+    assert len(table3) == 3 and "Combined (200 crystals)" in set(table3["source"])
+
+
+def test_figures_and_summary_exist(tiny_run: Path) -> None:
+    for name in ("fig5_loss_curves.png", "fig6_attention.png", "learning_curves.png", "parity_best.png"):
+        path = tiny_run / "report" / name
+        assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    summary = json.loads((tiny_run / "report" / "summary.json").read_text())
+    assert summary["figure6_parameters"]["attention"] < summary["figure6_parameters"]["gated"]
+    modes = {row["mode"] for row in summary["learning_curves"]}
+    assert modes == {"atomsets", "finetune", "scratch"}
+
+
+def test_rerun_has_nothing_to_do(tiny_run: Path) -> None:
+    result = snakemake("all", "-n", "--cores", "1", "--configfile", "configs/tiny.yaml", "--config",
+                       f"results_dir={tiny_run}")
+    assert result.returncode == 0, result.stderr
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_html_report_builds(tiny_run: Path) -> None:
+    html = tiny_run.parent / "report.html"
+    result = snakemake("all", "--report", str(html), "--configfile", "configs/tiny.yaml", "--config",
+                       f"results_dir={tiny_run}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert html.is_file() and html.stat().st_size > 10_000
