@@ -116,6 +116,9 @@ def compare_with_reference(item, reference, max_num_nbr: int = 12) -> dict[str, 
                 assert chosen == shell_indices, f"atom {atom}: shell {start}..{stop} differs"
             else:
                 assert not chosen - shell_indices, f"atom {atom}: cut shell {start}..{stop} has foreign atoms"
+                # The deterministic rule keeps the lowest neighbour indices of the cut shell.
+                lowest = Counter(sorted(i for _, i in neighbours[start:stop])[: count - start])
+                assert chosen == lowest, f"atom {atom}: cut shell {start}..{stop} not broken by neighbour index"
                 stats["cut_shells"] += 1
                 stats["cut_shells_with_choice"] += len(set(shell_indices)) > 1
             stats["shells"] += 1
