@@ -37,3 +37,4 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/graphs.py

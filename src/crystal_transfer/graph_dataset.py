@@ -173,7 +173,8 @@ class GraphDataset(torch.utils.data.Dataset):
             )
             raise GraphStageError(
                 f"the graphs in {self.graph_dir} are stale: built with {differences}; rebuild them with: "
-                f"{rebuild_command(self.graph_dir, {**self.manifest, 'settings': wanted_dict})}"
+                f"{rebuild_command(self.graph_dir, {**self.manifest, 'settings': wanted_dict})} "
+                f"(in the workflow: set the graphs section of the config and rerun snakemake)"
             )
 
     def _read_table(self, table: Path) -> tuple[list[str], np.ndarray]:

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from crystal_transfer import __version__
 from crystal_transfer.atomic import write_json, write_text
-from crystal_transfer.shards import read_header, write_shard
+from crystal_transfer.shards import map_arrays, read_header, write_shard
 
 PLAN_FILE = "plan.json"
 MANIFEST_FILE = "manifest.json"
@@ -300,7 +300,8 @@ def make_plan(
         "shard_size": shard_size,
         "shards": shards,
     }
-    write_json(out, plan)
+    if not (Path(out).is_file() and read_json(out) == plan):  # unchanged plans keep their time stamp
+        write_json(out, plan)
     return plan
 
 
@@ -449,8 +450,6 @@ def write_manifest(plan_path: str | Path, out: str | Path | None = None) -> dict
                 f"shard {path} was built with other settings or from another table than {plan_path}; rebuild it "
                 f"with: {rebuild_command(folder, plan, [entry['index']])}"
             )
-        from crystal_transfer.shards import map_arrays
-
         arrays = map_arrays(path, header)
         size = path.stat().st_size
         entries.append(

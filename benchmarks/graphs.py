@@ -1,0 +1,178 @@
+"""Benchmark of the graphs stage on all of mp2018, against the original CGCNN featurisation in the same run.
+
+Prints: crystals/s and wall time of building every shard (spawned workers), peak memory of the process tree,
+bytes per atom on disk against the Gaussian-expanded features CGCNN keeps in memory (float32 N x 12 x 41), and,
+on a random sample of crystals, the per-crystal speed ratio against the original path (pymatgen
+``get_all_neighbors``, per-site sort, padding, Gaussian expansion, as CGCNN's ``CIFData``), the two timed
+alternately crystal by crystal so that load from other processes hits both alike.
+
+    python benchmarks/graphs.py [--table results/data/mp2018/crystals.parquet] [--workers 2] [--sample 500]
+
+Without --table the data stage first builds the mp2018 table from ../shared/data (about a minute, not timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CRYSTAL_TRANSFER_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def cgcnn_features(structure, radius: float = 8.0, max_num_nbr: int = 12, dmin: float = 0.0, step: float = 0.2):
+    """The original CGCNN featurisation of one structure: neighbour indices and Gaussian edge features."""
+    all_nbrs = structure.get_all_neighbors(radius, include_index=True)
+    all_nbrs = [sorted(nbrs, key=lambda x: x[1]) for nbrs in all_nbrs]
+    nbr_fea_idx, nbr_fea = [], []
+    for nbr in all_nbrs:
+        if len(nbr) < max_num_nbr:
+            nbr_fea_idx.append([x[2] for x in nbr] + [0] * (max_num_nbr - len(nbr)))
+            nbr_fea.append([x[1] for x in nbr] + [radius + 1.0] * (max_num_nbr - len(nbr)))
+        else:
+            nbr_fea_idx.append([x[2] for x in nbr[:max_num_nbr]])
+            nbr_fea.append([x[1] for x in nbr[:max_num_nbr]])
+    nbr_fea_idx, nbr_fea = np.array(nbr_fea_idx), np.array(nbr_fea)
+    centres = np.arange(dmin, radius + step, step)
+    return nbr_fea_idx, nbr_fea, np.exp(-((nbr_fea[..., np.newaxis] - centres) ** 2) / step**2)
+
+
+class PeakMemory:
+    """Samples the resident memory of this process and all its children; ``peak`` is the largest sum seen."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import psutil
+
+        self._process = psutil.Process()
+        self._interval = interval
+        self._stop = threading.Event()
+        self.peak = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        import psutil
+
+        total = 0
+        for process in [self._process, *self._process.children(recursive=True)]:
+            try:
+                total += process.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._sample())
+
+
+def main() -> None:
+    """Run the benchmark and print its figures (and a JSON line with all of them)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", help="mp2018 crystals.parquet (default: build it into --work first)")
+    parser.add_argument("--work", default="/tmp/crystal_transfer-bench-graphs", help="scratch folder")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--shard-size", type=int, default=2048)
+    parser.add_argument("--sample", type=int, default=500, help="crystals timed against the original path")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    from crystal_transfer.graphs import GraphSettings, _table_arrays, build_graphs, crystal_graph, file_sha256
+
+    work = Path(args.work)
+    table = Path(args.table) if args.table else work / "data" / "crystals.parquet"
+    if not table.is_file():
+        from crystal_transfer.cli import main as cli
+
+        print(f"building the mp2018 table into {table.parent} (not timed) ...")
+        status = cli(
+            ["data", "--config", str(REPO / "configs" / "mp2018.yaml"), "--dataset", "mp2018"]
+            + ["--out", str(table.parent)]
+        )
+        if status:
+            raise SystemExit(status)
+
+    settings = GraphSettings()
+    out = work / "graphs"
+    with PeakMemory() as memory:
+        started = time.perf_counter()
+        manifest = build_graphs(
+            table, out, settings, args.shard_size, dataset="mp2018", workers=args.workers, log=lambda _: None
+        )
+        wall = time.perf_counter() - started
+    counts = manifest["counts"]
+    gaussian_bytes = counts["atoms"] * settings.max_num_nbr * 41 * 4
+
+    # The same crystals through both paths, alternating; structures are built before the clock starts.
+    from pymatgen.core import Lattice, Structure
+
+    arrays = _table_arrays(table, file_sha256(table))
+    rows = np.random.default_rng(args.seed).choice(len(arrays["ids"]), size=args.sample, replace=False)
+    ours = reference = 0.0
+    atoms = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for row in rows:
+            a0, a1 = arrays["atom_ptr"][row], arrays["atom_ptr"][row + 1]
+            lattice, frac, numbers = arrays["lattice"][row], arrays["frac"][a0:a1], arrays["numbers"][a0:a1]
+            structure = Structure(Lattice(lattice), numbers.tolist(), frac)
+            t0 = time.perf_counter()
+            _, ref_dist, _ = cgcnn_features(structure)
+            t1 = time.perf_counter()
+            graph = crystal_graph(lattice, frac, numbers, settings)
+            t2 = time.perf_counter()
+            reference += t1 - t0
+            ours += t2 - t1
+            atoms += a1 - a0
+            if not np.allclose(graph.nbr_dist, ref_dist, atol=2e-6):
+                raise SystemExit(f"distances differ from the original path for {arrays['ids'][row]}")
+
+    figures = {
+        "crystals": counts["crystals"],
+        "atoms": counts["atoms"],
+        "shards": len(manifest["shards"]),
+        "workers": args.workers,
+        "wall_s": round(wall, 2),
+        "crystals_per_s": round(counts["crystals"] / wall, 1),
+        "peak_memory_mb": round(memory.peak / 1e6, 1),
+        "disk_bytes": counts["bytes"],
+        "disk_bytes_per_atom": round(counts["bytes"] / counts["atoms"], 1),
+        "gaussian_bytes_per_atom": settings.max_num_nbr * 41 * 4,
+        "gaussian_to_disk_ratio": round(gaussian_bytes / counts["bytes"], 1),
+        "sample_crystals": int(args.sample),
+        "sample_atoms": int(atoms),
+        "original_ms_per_crystal": round(reference / args.sample * 1e3, 3),
+        "ours_ms_per_crystal": round(ours / args.sample * 1e3, 3),
+        "speedup": round(reference / ours, 1),
+    }
+    print(
+        f"built {figures['crystals']} crystals ({figures['atoms']} atoms, {figures['shards']} shards) in "
+        f"{figures['wall_s']} s with {args.workers} workers: {figures['crystals_per_s']} crystals/s\n"
+        f"peak memory (process tree): {figures['peak_memory_mb']} MB\n"
+        f"on disk: {figures['disk_bytes'] / 1e6:.1f} MB, {figures['disk_bytes_per_atom']} bytes/atom; "
+        f"CGCNN's Gaussian features: {figures['gaussian_bytes_per_atom']} bytes/atom "
+        f"({figures['gaussian_to_disk_ratio']}x the shards)\n"
+        f"sample of {args.sample} crystals ({atoms} atoms): original path {figures['original_ms_per_crystal']} "
+        f"ms/crystal, ours {figures['ours_ms_per_crystal']} ms/crystal: {figures['speedup']}x faster"
+    )
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
