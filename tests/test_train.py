@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -182,3 +183,48 @@ def test_transfer_refuses_graphs_of_another_radius(matminer_graphs, source_model
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2
     assert "was trained with radius=6.0 but the graphs" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_predict_on_cif_folder_tarball_and_table(matminer_graphs, source_model, tmp_path, mp2018_texts) -> None:
+    import tarfile
+
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    ids = list(mp2018_texts)[:20]
+    for crystal_id in ids:
+        (folder / f"{crystal_id}.cif").write_text(mp2018_texts[crystal_id])
+    (folder / "broken.cif").write_text("not a crystal")
+    with tarfile.open(tmp_path / "cifs.tar.gz", "w:gz") as archive:
+        archive.add(folder, arcname="structures")
+    outputs = {}
+    for name, source in (("folder", folder), ("tar", tmp_path / "cifs.tar.gz"), ("table", matminer_graphs["table"])):
+        out = tmp_path / f"{name}.csv"
+        run([sys.executable, "-m", "crystal_transfer", "predict", "--model", str(source_model), "--input", str(source),
+             "--out", str(out)])
+        outputs[name] = pd.read_csv(out, keep_default_na=False)
+    folder_out = outputs["folder"].set_index("id")
+    assert list(outputs["folder"].columns) == ["id", "formation_energy_per_atom (eV/atom)", "error"]
+    assert folder_out.loc["broken", "error"].startswith("unparsable: unparsable cif")
+    good = folder_out.drop(index="broken")
+    assert len(good) == 20 and (good["error"] == "").all()
+    tar_out = outputs["tar"].set_index("id").drop(index="broken")
+    pd.testing.assert_frame_equal(good.sort_index(), tar_out.sort_index())
+    table_out = outputs["table"].set_index("id")
+    assert len(table_out) == 5158
+    # a crystal of the table written out as CIF gets the prediction the table path gives it
+    import pyarrow.parquet as pq
+    from pymatgen.core import Lattice, Structure
+
+    rows = pq.read_table(matminer_graphs["table"]).slice(0, 10).to_pylist()
+    written = tmp_path / "from_table"
+    written.mkdir()
+    for row in rows:
+        structure = Structure(Lattice(np.reshape(row["lattice"], (3, 3))), row["numbers"],
+                              np.reshape(row["frac_coords"], (-1, 3)))
+        structure.to(filename=str(written / f"{row['id']}.cif"))
+    run([sys.executable, "-m", "crystal_transfer", "predict", "--model", str(source_model), "--input", str(written),
+         "--out", str(tmp_path / "written.csv")])
+    again = pd.read_csv(tmp_path / "written.csv").set_index("id")
+    column = "formation_energy_per_atom (eV/atom)"
+    for row in rows:
+        assert again.loc[row["id"], column] == pytest.approx(float(table_out.loc[row["id"], column]), abs=2e-5)
