@@ -640,7 +640,7 @@ def test_paper_config_runs_end_to_end_against_the_local_services(
     source["materials_project"].update({"endpoint": mp_server.url, "batch_size": 40, "http": FAST})
     config["splits"] = {"band_gap": {"dataset": "oqmd_mp", "label": "band_gap", "train": 0.5, "val": 0.25,
                                      "test": 0.25, "seed": 0}}
-    for name, model in config["pretrain"].items():
+    for model in config["pretrain"].values():
         if model["kind"] == "train":
             model["subsample"] = 0
     config["train"]["epochs"] = 2
