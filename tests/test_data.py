@@ -408,8 +408,8 @@ def _snakemake(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=REPO, capture_output=True, text=True)
 
 
-def test_snakemake_dry_run_of_the_default_config() -> None:
-    result = _snakemake("-n", "all", "--cores", "1")
+def test_snakemake_dry_run_of_the_default_config(tmp_path: Path) -> None:
+    result = _snakemake("-n", "all", "--cores", "1", "--config", f"results_dir={tmp_path}")
     assert result.returncode == 0, result.stderr + result.stdout
 
 

@@ -1,4 +1,4 @@
-"""Atomic file output: write to a temporary file beside the target, then rename over it.
+"""File helpers. Atomic output: write to a temporary file beside the target, then rename over it.
 
 An interrupted run never leaves a half-written file that Snakemake would take as done.
 """
@@ -6,10 +6,13 @@ An interrupted run never leaves a half-written file that Snakemake would take as
 from __future__ import annotations
 
 import contextlib
+import csv
+import hashlib
+import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,3 +46,21 @@ def write_text(target: str | os.PathLike[str], text: str) -> None:
 def write_json(target: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``target`` atomically."""
     write_text(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def csv_text(rows: Iterable[dict[str, object]], fieldnames: list[str]) -> str:
+    """Rows as CSV text with a header line (``\\n`` line ends)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()

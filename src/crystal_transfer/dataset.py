@@ -14,14 +14,11 @@ Outputs in the dataset folder:
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import multiprocessing
 import os
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from crystal_transfer import __version__
-from crystal_transfer.atomic import atomic_path, write_json, write_text
+from crystal_transfer.atomic import atomic_path, csv_text, write_json, write_text
 from crystal_transfer.sources import RawCrystal, Source
 from crystal_transfer.structures import (
     DUPLICATE_CRYSTAL,
@@ -148,12 +145,6 @@ def _table(kept: list[Kept], units: dict[str, str], metadata: dict[str, Any]) ->
     return pa.Table.from_arrays(list(columns.values()), schema=schema)
 
 
-def _rejected_csv(rows: Iterable[dict[str, str]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=REJECTED_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 def build_dataset(
@@ -262,7 +253,7 @@ def build_dataset(
     out_dir.mkdir(parents=True, exist_ok=True)
     if not kept or fraction > limit:
         failed = out_dir / f"failed-{REJECTED_FILE}"
-        write_text(failed, _rejected_csv(rejected))
+        write_text(failed, csv_text(rejected, REJECTED_COLUMNS))
         for source_name, report in reports.items():
             write_json(out_dir / f"failed-{source_name}.report.json", report)
         reasons = ", ".join(f"{reason} {count}" for reason, count in by_reason.most_common())
@@ -281,7 +272,7 @@ def build_dataset(
     }
     with atomic_path(out_dir / TABLE_FILE) as tmp:
         pq.write_table(_table(kept, units, metadata), tmp, compression="zstd")
-    write_text(out_dir / REJECTED_FILE, _rejected_csv(rejected))
+    write_text(out_dir / REJECTED_FILE, csv_text(rejected, REJECTED_COLUMNS))
     for source_name, report in reports.items():
         write_json(out_dir / f"{source_name}.report.json", report)
     summary["seconds"] = round(time.perf_counter() - started, 2)

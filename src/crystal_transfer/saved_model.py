@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from crystal_transfer.atomic import atomic_path, write_json
+from crystal_transfer.atomic import atomic_path, sha256_file, write_json
 from crystal_transfer.batch import GraphBatch
 from crystal_transfer.model import CGCNN
 from crystal_transfer.normalizer import Normalizer
@@ -94,12 +94,6 @@ def check_graph_settings(model_settings: Mapping[str, Any], data_settings: Mappi
         raise GraphSettingsMismatch("; ".join(problems))
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -164,7 +158,7 @@ def save_model(
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
         torch.save(state, tmp)
-        weights_sha256 = _sha256_file(tmp)
+        weights_sha256 = sha256_file(tmp)
     card = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -190,7 +184,7 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
     if card.get("format") != FORMAT or card.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{card_path}: unknown format {card.get('format')!r} v{card.get('format_version')!r}")
     weights_path = folder / WEIGHTS_FILE
-    if _sha256_file(weights_path) != card["weights_sha256"]:
+    if sha256_file(weights_path) != card["weights_sha256"]:
         raise ValueError(f"{weights_path} does not match the sha256 in {card_path} (unfinished or altered save)")
     class_name = card["architecture"]["class"]
     if class_name not in MODEL_CLASSES:

@@ -9,13 +9,12 @@ no structure, an unsafe archive member) yields it with ``rejection`` set.
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
+from crystal_transfer.atomic import sha256_file as sha256_of  # noqa: F401  (re-exported for the sources)
 from crystal_transfer.structures import Rejection
 
 
@@ -71,11 +70,3 @@ class Source(ABC):
         table as ``<source name>.report.json`` (e.g. how remote records were matched), or None."""
         return None
 
-
-def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
