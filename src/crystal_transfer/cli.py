@@ -251,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m crystal_transfer",
         description="Stages of the CGCNN transfer-learning pipeline. Snakemake runs them; each also runs alone.",
     )
+    parser.add_argument(
+        "--threads", type=int, default=0,
+        help="CPU threads for torch (the workflow passes each job's share; 0: torch's default, all cores)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
 
     fetch = sub.add_parser("fetch-matminer", help="download the matminer source archive (no install) and verify it")
@@ -367,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if args.threads > 0:
+        # several jobs side by side must not each start one thread per core (OpenMP oversubscription)
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
     except _user_errors() as exc:

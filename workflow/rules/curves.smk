@@ -21,7 +21,7 @@ rule curve_atomsets:
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "python -m crystal_transfer atomsets --name {params.source} --cache {input.cache} --table {input.table} "
+        "python -m crystal_transfer --threads {threads} atomsets --name {params.source} --cache {input.cache} --table {input.table} "
         "--split {input.split} --target {params.target} --train-size {wildcards.size} "
         "--seed {wildcards.seed} --spec {params.spec:q} --out {params.out} > {log} 2>&1"
 
@@ -52,7 +52,7 @@ rule curve_train:
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "python -m crystal_transfer transfer --name {params.name} --source {params.source} --mode {wildcards.mode} "
+        "python -m crystal_transfer --threads {threads} transfer --name {params.name} --source {params.source} --mode {wildcards.mode} "
         "--seed {wildcards.seed} --target {params.target} --train-size {wildcards.size} "
         "--graphs {params.graphs} --table {input.table} --split {input.split} --spec {params.spec:q} "
         "--out {params.out} > {log} 2>&1"

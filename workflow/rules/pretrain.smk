@@ -24,7 +24,7 @@ rule pretrain_published:
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "python -m crystal_transfer pretrain --name {wildcards.model} --spec {params.spec:q} "
+        "python -m crystal_transfer --threads {threads} pretrain --name {wildcards.model} --spec {params.spec:q} "
         "--out {params.out} > {log} 2>&1"
 
 
@@ -55,5 +55,5 @@ rule pretrain_train:
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "python -m crystal_transfer pretrain --name {wildcards.model} --spec {params.spec:q} "
+        "python -m crystal_transfer --threads {threads} pretrain --name {wildcards.model} --spec {params.spec:q} "
         "--table {input.table} --graphs {params.graphs} --out {params.out} > {log} 2>&1"

@@ -24,7 +24,7 @@ rule frozen_features:
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "python -m crystal_transfer frozen-features --source {params.source} --depth {wildcards.depth} "
+        "python -m crystal_transfer --threads {threads} frozen-features --source {params.source} --depth {wildcards.depth} "
         "--graphs {params.graphs} --table {input.table} --split {input.split} --out {output} > {log} 2>&1"
 
 
@@ -58,7 +58,7 @@ rule transfer:
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "python -m crystal_transfer transfer --name {wildcards.source} --source {params.source} --mode freeze "
+        "python -m crystal_transfer --threads {threads} transfer --name {wildcards.source} --source {params.source} --mode freeze "
         "--depth {wildcards.depth} --seed {wildcards.seed} --target {params.target} "
         "--graphs {params.graphs} --table {input.table} --split {input.split} {params.cache} "
         "--spec {params.spec:q} --out {params.out} > {log} 2>&1"
@@ -87,6 +87,6 @@ rule baseline:
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "python -m crystal_transfer transfer --name scratch --mode scratch --seed {wildcards.seed} "
+        "python -m crystal_transfer --threads {threads} transfer --name scratch --mode scratch --seed {wildcards.seed} "
         "--target {params.target} --graphs {params.graphs} --table {input.table} "
         "--split {input.split} --spec {params.spec:q} --out {params.out} > {log} 2>&1"
