@@ -25,15 +25,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
+# The rules call `python -m crystal_transfer`: the venv's bin comes first on PATH.
 run: setup
-	$(BIN)/snakemake --cores $(CORES) all
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) all
 
 test: setup
-	$(BIN)/python -m pytest
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/snakemake --lint
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --lint
 
 bench: setup
 	$(BIN)/python benchmarks/ingest.py

@@ -61,12 +61,26 @@ def matminer_graphs(matminer_archive: Path, tmp_path_factory: pytest.TempPathFac
     from crystal_transfer.splits import make_split, write_split
 
     root = tmp_path_factory.mktemp("matminer")
-    spec = {"sources": [{"type": "matminer_legacy", "archive": str(matminer_archive)}],
-            "filters": {"max_z": 80, "max_rejected_fraction": 0.25}}
+    spec = {
+        "sources": [{"type": "matminer_legacy", "archive": str(matminer_archive)}],
+        "filters": {"max_z": 80, "max_rejected_fraction": 0.25},
+    }
     build_dataset("matminer", spec, root / "data", workers=2, log=lambda _: None)
     table = root / "data" / "crystals.parquet"
-    build_graphs(table, root / "graphs", GraphSettings(), shard_size=2048, dataset="matminer", workers=2,
-                 log=lambda _: None)
+    build_graphs(
+        table, root / "graphs", GraphSettings(), shard_size=2048, dataset="matminer", workers=2, log=lambda _: None
+    )
     split = make_split(table, "band_gap", {"label": "band_gap", "train": 120, "val": 60, "test": 60, "seed": 0})
     write_split(split, root / "band_gap.csv")
     return {"table": table, "graphs": root / "graphs", "split": root / "band_gap.csv", "root": root}
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment for commands the tests start: this interpreter's bin first on PATH (the workflow's rules
+    call ``python -m crystal_transfer``), and this checkout's sources importable."""
+    import sys
+
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = f"{REPO / 'src'}{os.pathsep}{env['PYTHONPATH']}" if env.get("PYTHONPATH") else str(REPO / "src")
+    return env

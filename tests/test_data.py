@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, shared
+from conftest import REPO, shared, subprocess_env
 
 from crystal_transfer.cli import main as cli_main
 from crystal_transfer.config import ConfigError, validate_config
@@ -405,7 +405,9 @@ def test_data_help_explains_the_stage() -> None:
 
 
 def _snakemake(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=REPO, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", *args], cwd=REPO, capture_output=True, text=True, env=subprocess_env()
+    )
 
 
 def test_snakemake_dry_run_of_the_default_config(tmp_path: Path) -> None:

@@ -15,18 +15,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
 
 def snakemake(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=REPO, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", *args], cwd=REPO, capture_output=True, text=True, env=subprocess_env()
+    )
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     results = tmp_path_factory.mktemp("tiny") / "results"
-    result = snakemake("all", "--cores", "2", "--configfile", "configs/tiny.yaml", "--config",
-                       f"results_dir={results}")
+    result = snakemake("all", "--cores", "2", "--configfile", "configs/tiny.yaml", "--config", f"results_dir={results}")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return results
 
@@ -43,8 +44,12 @@ def test_tables_have_the_study_layout_and_come_from_job_files(tiny_run: Path) ->
     for row, source in zip(table2.itertuples(), ["scratch"] + transfer["sources"], strict=True):
         for depth in transfer["depths"]:
             folder_depth = 0 if source == "scratch" else depth
-            values = [json.loads((base / source / f"depth{folder_depth}" / f"seed{seed}" / "test.json").read_text())
-                      ["test_mae"] for seed in transfer["seeds"]]
+            values = [
+                json.loads((base / source / f"depth{folder_depth}" / f"seed{seed}" / "test.json").read_text())[
+                    "test_mae"
+                ]
+                for seed in transfer["seeds"]
+            ]
             assert getattr(row, f"mae_{depth}") == pytest.approx(np.mean(values), rel=1e-9)
             assert getattr(row, f"std_{depth}") == pytest.approx(np.std(values, ddof=1), rel=1e-9)
             # each job's MAE is the mean absolute error of its own predictions file
@@ -53,7 +58,8 @@ def test_tables_have_the_study_layout_and_come_from_job_files(tiny_run: Path) ->
                 predictions = pd.read_csv(job / "predictions.csv")
                 recorded = json.loads((job / "test.json").read_text())["test_mae"]
                 assert (predictions["target"] - predictions["prediction"]).abs().mean() == pytest.approx(
-                    recorded, abs=1e-5)
+                    recorded, abs=1e-5
+                )
     assert table2.loc[1, "study_1"] == pytest.approx(0.797)  # the study's published value sits beside ours
     markdown = (tiny_run / "report" / "table2.md").read_text()
     assert "| baseline (from scratch) |" in markdown and "0.812" in markdown
@@ -72,15 +78,17 @@ def test_figures_and_summary_exist(tiny_run: Path) -> None:
 
 
 def test_rerun_has_nothing_to_do(tiny_run: Path) -> None:
-    result = snakemake("all", "-n", "--cores", "1", "--configfile", "configs/tiny.yaml", "--config",
-                       f"results_dir={tiny_run}")
+    result = snakemake(
+        "all", "-n", "--cores", "1", "--configfile", "configs/tiny.yaml", "--config", f"results_dir={tiny_run}"
+    )
     assert result.returncode == 0, result.stderr
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
 def test_html_report_builds(tiny_run: Path) -> None:
     html = tiny_run.parent / "report.html"
-    result = snakemake("all", "--report", str(html), "--configfile", "configs/tiny.yaml", "--config",
-                       f"results_dir={tiny_run}")
+    result = snakemake(
+        "all", "--report", str(html), "--configfile", "configs/tiny.yaml", "--config", f"results_dir={tiny_run}"
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert html.is_file() and html.stat().st_size > 10_000

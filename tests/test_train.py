@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, subprocess_env
 
 TRAIN = {"epochs": 4, "batch_size": 32, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "device": "cpu"}
 ARCH = {"atom_fea_len": 32, "n_conv": 3, "h_fea_len": 16, "n_h": 1}
@@ -44,7 +44,7 @@ def transfer_command(paths: dict[str, Path], out: Path, *extra: str, epochs: int
 
 
 def run(command: list[str]) -> None:
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=subprocess_env())
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -180,7 +180,7 @@ def test_transfer_refuses_graphs_of_another_radius(matminer_graphs, source_model
     command = transfer_command(
         matminer_graphs, tmp_path / "run", "--name", "x", "--source", str(other), "--mode", "freeze", "--depth", "1"
     )
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=subprocess_env())
     assert result.returncode == 2
     assert "was trained with radius=6.0 but the graphs" in result.stderr and "Traceback" not in result.stderr
 
