@@ -595,7 +595,7 @@ def test_snakemake_fetches_both_services_then_builds_the_table(
     oqmd_server.faults.scripted[40] = ["502"] * 6
     target = f"{results}/data/remote/crystals.parquet"
     command = [sys.executable, "-m", "snakemake", target, "--cores", "2", "--configfile", str(path)]
-    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output
     for rule in ("fetch_oqmd", "fetch_materials_project", "data"):
