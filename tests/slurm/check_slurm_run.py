@@ -10,7 +10,9 @@ Usage: python check_slurm_run.py PROFILE SNAKEMAKE_LOG SCONTROL_DUMP SLURM_RESUL
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import re
 import shlex
 import sys
@@ -21,6 +23,8 @@ import yaml
 # Rules that must never reach sbatch: downloads (localrules in the workflow).
 LOCAL_RULES = {"fetch_matminer", "pretrain_published", "fetch_oqmd", "fetch_materials_project"}
 # Resources the profile declares, as sbatch options of plugin 2.8.
+# Float32 noise allowed between the SLURM and the local run (see same_number).
+RELATIVE_TOLERANCE = 1e-4
 RULE_COMMENT = re.compile(r"^rule_(?P<rule>[a-z_]+?)(?:_wildcards_(?P<wildcards>.*))?$")
 
 
@@ -112,19 +116,38 @@ def check_submissions(profile: dict, log: str, scontrol: dict[str, dict[str, str
     return report
 
 
+def same_number(a: str | float, b: str | float) -> bool:
+    """Equal, or equal within float32 noise: pretrain_train runs on 2 threads, whose reductions are not
+    bit-reproducible between any two runs (local ones included), and the transfers from its models inherit
+    differences of ~1e-6; single-threaded jobs (published sources, baseline) come out bit-identical."""
+    if a == b:
+        return True
+    try:
+        return math.isclose(float(a), float(b), rel_tol=RELATIVE_TOLERANCE, abs_tol=1e-9)
+    except ValueError:
+        return False
+
+
 def check_results(slurm: Path, local: Path) -> list[str]:
-    """Report tables and every run's test MAE equal those of the local run."""
+    """Report tables and every run's test MAE equal those of the local run (see same_number)."""
     tables = sorted(p.name for p in (local / "report").glob("*.csv"))
     assert tables, f"no report tables under {local / 'report'}"
     for name in tables:
-        a, b = (slurm / "report" / name).read_text(), (local / "report" / name).read_text()
-        assert a == b, f"report/{name} differs between the SLURM and the local run"
+        ours = list(csv.reader((slurm / "report" / name).read_text().splitlines()))
+        theirs = list(csv.reader((local / "report" / name).read_text().splitlines()))
+        assert len(ours) == len(theirs), f"report/{name}: {len(ours)} rows, the local run has {len(theirs)}"
+        for row, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            assert len(a) == len(b) and all(map(same_number, a, b)), f"report/{name} row {row}: {a} != {b}"
     runs = sorted((local / "transfer").glob("*/*/depth*/seed*/test.json"))
+    identical = 0
     for path in runs:
         relative = path.relative_to(local)
         ours, theirs = json.loads((slurm / relative).read_text()), json.loads(path.read_text())
-        assert ours["test_mae"] == theirs["test_mae"], f"{relative}: {ours['test_mae']} != {theirs['test_mae']}"
-    return [f"report tables {', '.join(tables)} and {len(runs)} test MAEs equal the local run's"]
+        assert same_number(ours["test_mae"], theirs["test_mae"]), (
+            f"{relative}: {ours['test_mae']} != {theirs['test_mae']}")
+        identical += ours["test_mae"] == theirs["test_mae"]
+    return [f"report tables {', '.join(tables)} and {len(runs)} test MAEs equal the local run's "
+            f"({identical} bit-identical, the rest within a relative {RELATIVE_TOLERANCE:g})"]
 
 
 def check_requeue(requeued: Path, scontrol: dict[str, dict[str, str]], slurm: Path) -> list[str]:
