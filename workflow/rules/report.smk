@@ -22,7 +22,7 @@ rule report:
         f"{RESULTS}/benchmarks/report.tsv"
     params:
         spec=lambda wc, input: json.dumps(report_spec(input.results), sort_keys=True),
-        out=f"{RESULTS}/report",
+        out=lambda wc, output: os.path.dirname(output.summary),
     conda:
         "../../envs/pipeline.yaml"
     shell:

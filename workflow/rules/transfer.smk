@@ -51,13 +51,14 @@ rule transfer:
         out=lambda wc: f"{RESULTS}/transfer/{wc.split}/{wc.source}/depth{wc.depth}/seed{wc.seed}",
         cache=lambda wc, input: f"--cache {input.cache}" if input.cache else "",
         spec=lambda wc: json.dumps(transfer_spec(), sort_keys=True),
+        target=config["transfer"]["target"],
     resources:
         gpu=1,
     conda:
         "../../envs/pipeline.yaml"
     shell:
         "python -m crystal_transfer transfer --name {wildcards.source} --source {params.source} --mode freeze "
-        "--depth {wildcards.depth} --seed {wildcards.seed} --target {config[transfer][target]} "
+        "--depth {wildcards.depth} --seed {wildcards.seed} --target {params.target} "
         "--graphs {params.graphs} --table {input.table} --split {input.split} {params.cache} "
         "--spec {params.spec:q} --out {params.out} > {log} 2>&1"
 
@@ -79,11 +80,12 @@ rule baseline:
         graphs=lambda wc: transfer_graph_dir(),
         out=lambda wc: f"{RESULTS}/transfer/{wc.split}/scratch/depth0/seed{wc.seed}",
         spec=lambda wc: json.dumps(transfer_spec(), sort_keys=True),
+        target=config["transfer"]["target"],
     resources:
         gpu=1,
     conda:
         "../../envs/pipeline.yaml"
     shell:
         "python -m crystal_transfer transfer --name scratch --mode scratch --seed {wildcards.seed} "
-        "--target {config[transfer][target]} --graphs {params.graphs} --table {input.table} "
+        "--target {params.target} --graphs {params.graphs} --table {input.table} "
         "--split {input.split} --spec {params.spec:q} --out {params.out} > {log} 2>&1"
