@@ -86,6 +86,8 @@ def check_submissions(profile: dict, log: str, scontrol: dict[str, dict[str, str
         got = {key: options.get(key) for key in expected}
         assert got == expected, f"rule {rule}: sbatch asked for {got}, the profile declares {expected}"
         assert "gres" not in options, f"rule {rule}: GPUs requested twice (--gres and --gpus): {call}"
+        if profile.get("slurm-requeue"):
+            assert " --requeue " in f"{call} ", f"rule {rule}: submitted without --requeue: {call}"
         if "gpus" not in expected:
             assert "gpus" not in options, f"rule {rule} is not a GPU rule but asked for {options['gpus']}"
         per_rule[rule] = per_rule.get(rule, 0) + 1
