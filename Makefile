@@ -39,3 +39,5 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/graphs.py
+	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/transfer.py

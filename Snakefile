@@ -25,9 +25,14 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/graphs.smk"
 include: "workflow/rules/pretrain.smk"
-include: "workflow/rules/transfer.smk"
-include: "workflow/rules/curves.smk"
-include: "workflow/rules/report.smk"
+# Transfer, learning curves and the report need a `transfer` section; a config without one (e.g. a data-only
+# config) stops after the graphs.
+if "transfer" in config:
+
+    include: "workflow/rules/transfer.smk"
+    include: "workflow/rules/curves.smk"
+    include: "workflow/rules/report.smk"
+
 
 
 rule all:
@@ -38,5 +43,5 @@ rule all:
             f"{RESULTS}/data/{plan['dataset']}/splits/{name}.csv"
             for name, plan in config["splits"].items()
         ],
-        f"{RESULTS}/report/summary.json",
+        [f"{RESULTS}/report/summary.json"] if "transfer" in config else [],
     default_target: True
