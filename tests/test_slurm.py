@@ -16,7 +16,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 SLURM_TOOLS = ("sbatch", "squeue", "sacct", "scontrol", "sinfo", "srun")
-GPU_RULES = {"pretrain_train", "frozen_features", "transfer", "baseline"}
+GPU_RULES = {"pretrain_train", "frozen_features", "transfer", "baseline", "curve_train"}
 
 
 def test_profile_requests_gpus_one_way_and_names_existing_rules() -> None:
