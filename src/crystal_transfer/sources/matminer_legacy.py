@@ -10,10 +10,7 @@ one crystal with all its labels; its structure comes from the first table listed
 from __future__ import annotations
 
 import io
-import subprocess
-import sys
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from crystal_transfer.labels import unit_of
+from crystal_transfer.registry import RegistryDownloadError, download_verified
 from crystal_transfer.sources.base import RawCrystal, Source, SourceError, sha256_of
 from crystal_transfer.structures import DUPLICATE_ID, Rejection
 
@@ -40,39 +38,10 @@ def fetch_archive(dest_dir: str | Path, version: str = MATMINER_VERSION, sha256:
 
     An archive already present with the right checksum is reused.
     """
-    dest_dir = Path(dest_dir)
-    target = dest_dir / f"matminer-{version}.tar.gz"
-    if target.is_file() and sha256_of(target) == sha256:
-        return target
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest_dir, prefix=".download-") as tmp:
-        command = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            "--disable-pip-version-check",
-            "-q",
-            "-d",
-            tmp,
-            f"matminer=={version}",
-        ]
-        result = subprocess.run(command, capture_output=True, text=True)
-        files = list(Path(tmp).glob(f"matminer-{version}.tar.gz"))
-        if result.returncode != 0 or not files:
-            tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-            raise SourceError(
-                f"could not download matminer=={version} from the package registry with pip "
-                f"(exit {result.returncode}): {' | '.join(tail)}"
-            )
-        actual = sha256_of(files[0])
-        if actual != sha256:
-            raise SourceError(f"matminer-{version}.tar.gz has sha256 {actual}, expected {sha256}: refusing to use it")
-        files[0].replace(target)
-    return target
+    try:
+        return download_verified(f"matminer=={version}", f"matminer-{version}.tar.gz", sha256, dest_dir, binary=False)
+    except RegistryDownloadError as exc:
+        raise SourceError(str(exc)) from None
 
 
 def read_table(archive: tarfile.TarFile, version: str, table: str) -> pd.DataFrame:
