@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-CORES ?= 8
+# One Snakemake core per CPU core: more cores than the machine has oversubscribe the torch jobs.
+CORES ?= $(shell nproc 2>/dev/null || echo 2)
 # The torch wheel installed before the project on machines without an NVIDIA driver. On a machine of
 # this project's kind it is a local CPU build; elsewhere add TORCH_INDEX=https://download.pytorch.org/whl/cpu.
 TORCH_CPU ?= torch==2.13.0
