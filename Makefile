@@ -29,6 +29,7 @@ $(VENV)/.installed: pyproject.toml
 # The rules call `python -m crystal_transfer`: the venv's bin comes first on PATH.
 run: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) all
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --report results/report.html
 
 test: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest

@@ -204,25 +204,49 @@ def attention_figure(
     _save(fig, path)
 
 
-def learning_curves_figure(results: pd.DataFrame, path: str | Path, unit: str = "eV") -> None:
-    """Test MAE against training size (log axis) for each mode, mean ± std over seeds."""
+def learning_curves_figure(
+    results: pd.DataFrame,
+    path: str | Path,
+    unit: str = "eV",
+    labels: dict[str, str] | None = None,
+    target: str = "band gap",
+) -> None:
+    """Test MAE against training size (log axis, ticks at the sizes) for each mode, mean ± std over seeds."""
     plt = _pyplot()
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    labels = labels or {}
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    seeds = results.groupby(["mode", "train_size"])["seed"].nunique()
     for mode, group in results.groupby("mode", sort=True):
         summary = group.groupby("train_size")["test_mae"].agg(["mean", "std", "count"]).reset_index()
         ax.errorbar(
-            summary["train_size"], summary["mean"], yerr=summary["std"].fillna(0), marker="o", capsize=3, label=mode
+            summary["train_size"],
+            summary["mean"],
+            yerr=summary["std"].fillna(0),
+            marker="o",
+            capsize=3,
+            label=labels.get(mode, mode),
         )
+    sizes = sorted(int(n) for n in results["train_size"].unique())
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(sizes))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([f"{n:,}" for n in sizes])
     ax.set_xlabel("training crystals")
-    ax.set_ylabel(f"test MAE ({unit})")
-    ax.set_title("Learning curves on the same test set")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.set_ylabel(f"{target} test MAE ({unit})")
+    counts = sorted({int(c) for c in seeds})
+    spread = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    ax.set_title(f"Learning curves on one {target} test set (mean ± std over {spread} seeds)", fontsize=10)
+    ax.grid(alpha=0.3)
+    # the labels are long: below the axes, where they cover no point
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
     _save(fig, path)
 
 
-def parity_figure(predictions_csv: str | Path, path: str | Path, title: str, unit: str = "eV") -> None:
+def parity_figure(
+    predictions_csv: str | Path, path: str | Path, title: str, unit: str = "eV", target: str = "value"
+) -> None:
     """Predicted against true value on the test set, with the identity line and the MAE."""
     plt = _pyplot()
     frame = pd.read_csv(predictions_csv)
@@ -232,8 +256,8 @@ def parity_figure(predictions_csv: str | Path, path: str | Path, title: str, uni
     high = float(max(frame["target"].max(), frame["prediction"].max()))
     ax.plot([low, high], [low, high], color="black", linewidth=1)
     mae = float((frame["target"] - frame["prediction"]).abs().mean())
-    ax.set_xlabel(f"DFT value ({unit})")
-    ax.set_ylabel(f"predicted ({unit})")
+    ax.set_xlabel(f"DFT {target} ({unit})")
+    ax.set_ylabel(f"predicted {target} ({unit})")
     ax.set_title(f"{title}\nMAE {mae:.3f} {unit}, {len(frame)} test crystals", fontsize=9)
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
@@ -313,7 +337,13 @@ def build_report(spec: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
         summary["figure6_parameters"] = params
     if spec.get("curves"):
         curves_frame = read_results(spec["curves"])
-        learning_curves_figure(curves_frame, out / "learning_curves.png", spec["target_unit"])
+        learning_curves_figure(
+            curves_frame,
+            out / "learning_curves.png",
+            spec["target_unit"],
+            spec.get("curve_labels"),
+            spec.get("target_label", "band gap"),
+        )
         summary["learning_curves"] = (
             curves_frame.groupby(["mode", "train_size"])["test_mae"].agg(["mean", "std", "count"]).reset_index()
             .to_dict(orient="records")
@@ -321,11 +351,19 @@ def build_report(spec: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     cells = results.groupby(["source", "depth"])["test_mae"].mean()
     best_source, best_depth = cells.idxmin()
     best = results[(results["source"] == best_source) & (results["depth"] == best_depth)].sort_values("seed").iloc[0]
+    labels = {s["name"]: s["label"] for s in spec["sources"]}
+    what = (
+        "from scratch"
+        if best_source == "scratch"
+        else f"{labels.get(best_source, best_source)}, "
+        + ("first conv layer frozen" if best_depth == 1 else f"first {best_depth} conv layers frozen")
+    )
     parity_figure(
         Path(best["path"]).with_name("predictions.csv"),
         out / "parity_best.png",
-        f"Best model: {best_source}, {best_depth} frozen, seed {best['seed']}",
+        f"Lowest mean test MAE: {what}; seed {best['seed']}",
         spec["target_unit"],
+        spec.get("target_label", "value"),
     )
     summary["best"] = {"source": best_source, "depth": int(best_depth), "mean_test_mae": float(cells.min())}
     from crystal_transfer.atomic import write_json

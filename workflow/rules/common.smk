@@ -141,6 +141,7 @@ def report_spec(results, curves=()):
         label = ROLE_LABELS[role] if role else name
         if role and config["pretrain"][name]["kind"] == "train":
             label += " (ours)"
+        label = config["pretrain"][name].get("label") or label
         sources.append({"name": name, "label": label, "role": role})
     depths = config["transfer"]["depths"]
     spec = {
@@ -152,6 +153,8 @@ def report_spec(results, curves=()):
         "table3": None,
         "figure6": None,
         "curves": list(curves),
+        "curve_labels": curve_labels(sources),
+        "target_label": config["transfer"]["target"].replace("_", " "),
     }
     table3 = config["report"].get("table3")
     if table3:
@@ -161,6 +164,25 @@ def report_spec(results, curves=()):
     if figure6:
         spec["figure6"] = {key: f"{RESULTS}/models/{name}" for key, name in figure6.items()}
     return spec
+
+
+def curve_labels(sources):
+    """Legend text of each learning-curve mode: what was trained on what."""
+    curves = config.get("learning_curves")
+    if not curves:
+        return {}
+    name = curves["source"]
+    label = next((s["label"] for s in sources if s["name"] == name), None)
+    if label is None:
+        role = config["pretrain"][name].get("role")
+        label = config["pretrain"][name].get("label") or (ROLE_LABELS[role] if role else name)
+    level = curves["atomsets"]["level"]
+    where = "element embedding" if level == 0 else f"after {level} conv layer{'s' if level > 1 else ''}"
+    return {
+        "atomsets": f"AtomSets: set model on frozen {label} features ({where})",
+        "finetune": f"fine-tuned {label} model (all layers)",
+        "scratch": "CGCNN from scratch",
+    }
 
 
 def figure6_inputs():
