@@ -60,9 +60,21 @@ def gaussian_centres(dmin: float, dmax: float, step: float) -> torch.Tensor:
     return dmin + step * torch.arange(count, dtype=torch.float64)
 
 
+# exp(-87) is the last power of e above float32's smallest normal number (1.18e-38); see gaussian_expand.
+_MAX_EXPONENT = 87.0
+
+
 def gaussian_expand(distances: torch.Tensor, centres: torch.Tensor, width: float) -> torch.Tensor:
-    """Edge features exp(-(d - μ)² / width²), shape ``distances.shape + (len(centres),)``."""
-    return torch.exp(-((distances.unsqueeze(-1) - centres) ** 2) / width**2)
+    """Edge features exp(-(d - μ)² / width²), shape ``distances.shape + (len(centres),)``.
+
+    Where the exponent is below -87 (|d - μ| above 1.87 Å at CGCNN's width 0.2 Å) the value is set to zero:
+    exp(-87) ≈ 1.6e-38 is about the smallest normal float32, and below it come subnormal numbers (some 3 % of
+    the entries) that make ``exp`` and every matmul reading the edge features about 10 times slower on x86
+    CPUs, while what they add to any output is below 1e-37.
+    """
+    exponent = (distances.unsqueeze(-1) - centres) ** 2 / width**2
+    far = exponent > _MAX_EXPONENT
+    return torch.exp(exponent.clamp_(max=_MAX_EXPONENT).neg_()).masked_fill_(far, 0.0)
 
 
 def _edge_linear(
@@ -85,7 +97,30 @@ def _edge_linear(
     weight = linear.weight
     self_part = F.linear(atom_fea, weight[:, :width], linear.bias)
     nbr_part = F.linear(atom_fea, weight[:, width : 2 * width])
-    return self_part.unsqueeze(1) + nbr_part[nbr_idx] + F.linear(edge_fea, weight[:, 2 * width :])
+    return self_part.unsqueeze(1) + _GatherRows.apply(nbr_part, nbr_idx) + F.linear(edge_fea, weight[:, 2 * width :])
+
+
+class _GatherRows(torch.autograd.Function):
+    """``source[index]`` for a (N, C) source and an integer index of any shape, result ``index.shape + (C,)``.
+
+    The same values and gradient as advanced indexing; the backward is one ``index_add_`` instead of the
+    sorting ``index_put_(accumulate=True)`` that indexing uses, about 5 % of a CGCNN training step on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = source.shape[0]
+        return source.index_select(0, index.reshape(-1)).view(*index.shape, source.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        (index,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        channels = grad.shape[-1]
+        source_grad = grad.new_zeros(ctx.rows, channels)
+        return source_grad.index_add_(0, index.reshape(-1), grad.reshape(-1, channels)), None
 
 
 def _masked_batch_norm(bn: nn.BatchNorm1d, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -156,7 +191,7 @@ class AttentionConvLayer(nn.Module):
         self, atom_fea: torch.Tensor, nbr_idx: torch.Tensor, edge_fea: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
         """The (N, M) attention weights c; zero on masked slots, each atom's row sums to 1 (or 0 if none)."""
-        logits = (atom_fea.unsqueeze(1) * atom_fea[nbr_idx]).sum(-1) * (edge_fea * edge_fea).sum(-1)
+        logits = (atom_fea.unsqueeze(1) * _GatherRows.apply(atom_fea, nbr_idx)).sum(-1) * (edge_fea * edge_fea).sum(-1)
         if mask is None:
             return torch.softmax(logits, dim=1)
         logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
