@@ -291,11 +291,12 @@ def build_report(spec: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     summary: dict[str, Any] = {"table2": frame.to_dict(orient="records")}
     if spec.get("table3"):
         t3 = spec["table3"]
+        sizes = {k: f"{v:,}" if isinstance(v, int) else str(v) for k, v in t3["sizes"].items()}
         rows3 = [
-            (t3["combined"], f"Combined ({t3['sizes'][t3['combined']]} crystals)", study.TABLE3["combined"]),
+            (t3["combined"], f"Combined ({sizes[t3['combined']]} crystals)", study.TABLE3["combined"]),
             (
                 t3["formation_energy"],
-                f"Formation energy ({t3['sizes'][t3['formation_energy']]} crystals)",
+                f"Formation energy ({sizes[t3['formation_energy']]} crystals)",
                 study.TABLE3["formation_energy"],
             ),
         ]
