@@ -453,6 +453,17 @@ def test_gather_rows_equals_indexing() -> None:
     assert torch.allclose(ours, theirs, atol=1e-12)
 
 
+def _conv_with_random_batch_norm(dtype: torch.dtype) -> ConvLayer:
+    """A gated layer (64 atom, 41 edge features) with non-trivial BatchNorm parameters and running statistics."""
+    layer = ConvLayer(64, 41).to(dtype)
+    with torch.no_grad():
+        layer.bn1.weight.uniform_(0.5, 1.5)
+        layer.bn1.bias.uniform_(-0.5, 0.5)
+        layer.bn1.running_mean.uniform_(-1.0, 1.0)
+        layer.bn1.running_var.uniform_(0.5, 2.0)
+    return layer
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_fused_gated_messages_equal_eager_modules(fast_graphs: list[Graph], training: bool) -> None:
     """The fused edge path of ConvLayer gives the eager modules' outputs, gradients and BatchNorm statistics."""
@@ -460,12 +471,7 @@ def test_fused_gated_messages_equal_eager_modules(fast_graphs: list[Graph], trai
     batch = make_batch(fast_graphs[:40])
     assert bool(batch.nbr_mask.all())  # compatibility padding: the case the fused path serves
     for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
-        fused = ConvLayer(64, 41).to(dtype)
-        with torch.no_grad():  # non-trivial BatchNorm parameters and running statistics
-            fused.bn1.weight.uniform_(0.5, 1.5)
-            fused.bn1.bias.uniform_(-0.5, 0.5)
-            fused.bn1.running_mean.uniform_(-1.0, 1.0)
-            fused.bn1.running_var.uniform_(0.5, 2.0)
+        fused = _conv_with_random_batch_norm(dtype)
         eager = copy.deepcopy(fused)
         eager.fused = False
         fused.train(training)
@@ -515,6 +521,143 @@ def test_fused_gated_messages_gradcheck(training: bool) -> None:
         return torch.func.functional_call(layer, replaced, (x, nbr_idx, edge_fea, None))
 
     assert torch.autograd.gradcheck(run, (atoms, *[p.detach().clone().requires_grad_() for p in params]))
+
+
+def _native_or_skip():
+    from crystal_transfer import native
+
+    if native.kernels() is None:
+        pytest.skip(f"compiled kernels unavailable on this machine: {native.unavailable_reason()}")
+    return native
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("training", [True, False])
+def test_native_gated_messages_equal_torch_path(fast_graphs: list[Graph], training: bool, threads: int) -> None:
+    """The compiled kernels give the PyTorch fused path's outputs, gradients and running statistics (float32),
+    also when the atoms are split among threads."""
+    _native_or_skip()
+    torch.manual_seed(5)
+    batch = make_batch(fast_graphs[:120])
+    assert len(batch.numbers) >= 3 * 256  # enough atoms for three pieces
+    layer = _conv_with_random_batch_norm(torch.float32)
+    reference = copy.deepcopy(layer)
+    reference.native = False
+    edge_fea = gaussian_expand(batch.nbr_dist.float(), gaussian_centres(0.0, RADIUS, 0.2).float(), 0.2)
+    atoms = torch.randn(len(batch.numbers), 64) * 2.0
+    weights = torch.randn(len(batch.numbers), 64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = []
+        for module in (layer, reference):
+            module.train(training)
+            inputs = atoms.clone().requires_grad_()
+            messages = module._fused_messages(inputs, batch.nbr_idx, edge_fea)
+            (messages * weights).sum().backward()
+            grads = {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+            results.append((messages, inputs.grad, grads, module.bn1.running_mean, module.bn1.running_var))
+    finally:
+        torch.set_num_threads(previous)
+    (out_n, dx_n, grads_n, mean_n, var_n), (out_t, dx_t, grads_t, mean_t, var_t) = results
+
+    def close(a: torch.Tensor, b: torch.Tensor, tolerance: float = 2e-5) -> bool:
+        return bool((a - b).abs().max() <= tolerance * b.abs().max().clamp_min(1e-3))
+
+    assert close(out_n, out_t) and close(dx_n, dx_t)
+    assert grads_n.keys() == grads_t.keys() == {"fc_full.weight", "fc_full.bias", "bn1.weight", "bn1.bias"}
+    # before BatchNorm in training mode the bias has no effect, so its gradient is rounding noise on both sides
+    noise = {"fc_full.bias"} if training else set()
+    assert all(close(grads_n[name], grads_t[name], 1e-4) for name in grads_t.keys() - noise)
+    assert all(grads_n[name].abs().max() < 1e-4 * grads_t["fc_full.weight"].abs().max() for name in noise)
+    assert close(mean_n, mean_t) and close(var_n, var_t)
+    # and it really ran the compiled path: the PyTorch path on a disabled layer must differ in the last bits
+    assert not torch.equal(out_n, out_t)
+
+
+def test_native_kernels_accurate_over_the_whole_float_range() -> None:
+    """sigmoid and softplus of BatchNorm outputs from -200 to 200 (exp, log1p written as polynomials in C)
+    against float64, with their gradients."""
+    _native_or_skip()
+    from crystal_transfer.model import _GatedMessagesNative
+
+    n_atoms, n_slots, half = 300, 4, 64
+    x = torch.linspace(-200.0, 200.0, n_atoms * n_slots * 2 * half).reshape(n_atoms * n_slots, 2 * half)
+    x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]
+    # eval mode with running mean 0 and variance 1 - eps, weight 1, bias 0: BatchNorm is the identity
+    nbr_idx = torch.arange(n_atoms * n_slots).reshape(n_atoms, n_slots) % n_atoms
+    zeros = torch.zeros(n_atoms, 2 * half)
+    self_part = zeros.clone().requires_grad_()
+    nbr_part = zeros.clone()
+    eps = 1e-5
+    state = (False, torch.zeros(2 * half), torch.full((2 * half,), 1.0 - eps), 0.1, eps)
+    edge_fea = x  # z = 0 + 0 + x · I
+    ident = torch.eye(2 * half)
+    ones = torch.ones(2 * half)
+    out = _GatedMessagesNative.apply(self_part, nbr_part, edge_fea, ident, ones, torch.zeros(2 * half), nbr_idx, state)
+    out.sum().backward()
+    x64 = x.double()
+    messages = torch.sigmoid(x64[:, :half]) * torch.nn.functional.softplus(x64[:, half:])
+    expected = messages.view(n_atoms, n_slots, half).sum(dim=1)
+    assert torch.isfinite(out).all()
+    relative = (out.double() - expected).abs() / expected.abs().clamp_min(1e-30)
+    assert relative[expected > 1e-30].max() < 2e-6, relative.max()  # PyTorch's float32 path: 1.9e-7
+    # d/dx_f = σ'(f)·softplus(c), d/dx_c = σ(f)·σ(c), summed back over each atom's slots by the self part
+    sigma_f, sigma_c = torch.sigmoid(x64[:, :half]), torch.sigmoid(x64[:, half:])
+    d_f = sigma_f * (1 - sigma_f) * torch.nn.functional.softplus(x64[:, half:])
+    d_c = sigma_f * sigma_c
+    expected_grad = torch.cat([d_f, d_c], dim=1).view(n_atoms, n_slots, 2 * half).sum(dim=1)
+    # float32 rounds 1 - σ(f) to 0 above f ≈ 17 and sums large and small slot terms: PyTorch's own float32 path
+    # is far from float64 on some sums, so each element is within 1e-5 relative or at most twice PyTorch's error
+    x32 = x.clone().requires_grad_()
+    (torch.sigmoid(x32[:, :half]) * torch.nn.functional.softplus(x32[:, half:])).sum().backward()
+    torch_error = (x32.grad.double().view(n_atoms, n_slots, 2 * half).sum(dim=1) - expected_grad).abs()
+    error = (self_part.grad.double() - expected_grad).abs()
+    assert (error <= torch.maximum(1e-5 * expected_grad.abs() + 1e-9, 2 * torch_error)).all()
+
+
+def test_native_kernels_fall_back_when_no_compiler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   fast_graphs: list[Graph]) -> None:
+    """Without a working C compiler the layer warns once, says why, and keeps PyTorch's path."""
+    from crystal_transfer import native
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("CRYSTAL_TRANSFER_CACHE_DIR", str(tmp_path / "cache"))
+    native.reset()
+    try:
+        layer = ConvLayer(64, 41)
+        batch = make_batch(fast_graphs[:5])
+        edge_fea = gaussian_expand(batch.nbr_dist.float(), gaussian_centres(0.0, RADIUS, 0.2).float(), 0.2)
+        atoms = torch.randn(len(batch.numbers), 64)
+        with pytest.warns(RuntimeWarning, match="compiled CGCNN kernels unavailable"):
+            assert not layer._native_applies(atoms, batch.nbr_idx, True)
+        assert "no-such-cc" in native.unavailable_reason()
+        reference = copy.deepcopy(layer)
+        reference.native = False
+        assert torch.equal(layer(atoms, batch.nbr_idx, edge_fea, None), reference(atoms, batch.nbr_idx, edge_fea, None))
+        assert not (tmp_path / "cache" / "native").exists() or not any((tmp_path / "cache" / "native").iterdir())
+    finally:
+        native.reset()
+
+
+def test_native_kernels_build_once_per_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled library is kept in the cache directory and reused, not rebuilt, by a later process."""
+    from crystal_transfer import native
+
+    if native._compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setenv("CRYSTAL_TRANSFER_CACHE_DIR", str(tmp_path))
+    native.reset()
+    try:
+        assert native.kernels() is not None, native.unavailable_reason()
+        built = list((tmp_path / "native").glob("*.so"))
+        assert len(built) == 1 and not list((tmp_path / "native").glob(".*"))  # no temporary files left
+        stamp = built[0].stat().st_mtime_ns
+        native.reset()
+        assert native.kernels() is not None
+        assert list((tmp_path / "native").glob("*.so")) == built and built[0].stat().st_mtime_ns == stamp
+    finally:
+        native.reset()
 
 
 # ---------------------------------------------------------------------------------------------------------

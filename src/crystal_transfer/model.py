@@ -190,6 +190,129 @@ class _GatedMessages(torch.autograd.Function):
         return d_self, d_nbr, None, d_edge_weight, d_bn_weight, d_bn_bias, None, None
 
 
+def _ptr(tensor: torch.Tensor) -> int:
+    return tensor.data_ptr()
+
+
+class _GatedMessagesNative(torch.autograd.Function):
+    """:class:`_GatedMessages` with its elementwise passes in compiled C (``crystal_transfer.native``).
+
+    Same inputs, outputs and BatchNorm semantics (batch statistics, biased for normalising and unbiased for the
+    running variance, as ``nn.BatchNorm1d``); float32 CPU tensors only. Gather plus self part, the BatchNorm
+    statistics (accumulated in float64), the fused sigmoid · softplus with the neighbour sum, and in the backward
+    the gradient of the BatchNorm input with the per-atom sum are one C loop each; the matmuls and the scatter of
+    the neighbour gradient stay with PyTorch. tests/test_model.py compares it with :class:`_GatedMessages`.
+    """
+
+    @staticmethod
+    def forward(ctx, self_part, nbr_part, edge_fea, edge_weight, bn_weight, bn_bias, nbr_idx, bn_state):
+        from crystal_transfer import native
+
+        lib = native.kernels()
+        training, running_mean, running_var, momentum, eps = bn_state
+        n_atoms, n_slots = nbr_idx.shape
+        width = self_part.shape[1]
+        half = width // 2
+        n_edges = n_atoms * n_slots
+        self_part, nbr_part = self_part.contiguous(), nbr_part.contiguous()
+        flat_idx = nbr_idx.reshape(-1).contiguous()
+        z = self_part.new_empty(n_edges, width)
+        chunks = native.chunk_count(n_atoms)
+        native.run_chunked(
+            lambda _, a, b: lib.ct_gather_add(
+                _ptr(nbr_part), _ptr(self_part), _ptr(flat_idx), _ptr(z), a, b, n_slots, width
+            ),
+            n_atoms,
+            chunks,
+        )
+        z.addmm_(edge_fea, edge_weight.t())
+        if training:
+            sums = torch.empty(2, chunks, width, dtype=torch.float64)
+            native.run_chunked(
+                lambda i, a, b: lib.ct_col_stats(
+                    _ptr(z), a * n_slots, b * n_slots, width, _ptr(sums[0, i]), _ptr(sums[1, i])
+                ),
+                n_atoms,
+                chunks,
+            )
+            total = sums.sum(dim=1)
+            mean64 = total[0] / n_edges
+            var64 = (total[1] / n_edges - mean64 * mean64).clamp_min(0.0)
+            mean, var = mean64.float(), var64.float()
+            invstd = (var + eps).rsqrt()
+            if running_mean is not None:
+                unbiased = (var64 * (n_edges / max(n_edges - 1, 1))).float()
+                running_mean.mul_(1.0 - momentum).add_(mean, alpha=momentum)
+                running_var.mul_(1.0 - momentum).add_(unbiased, alpha=momentum)
+        else:
+            mean, invstd = running_mean, (running_var + eps).rsqrt()
+        scale = (bn_weight * invstd).contiguous()
+        shift = (bn_bias - mean * scale).contiguous()
+        # σ(f), σ(c) and σ(-f)·softplus(c): what the backward needs
+        gate, core_slope, core = (z.new_empty(n_edges, half) for _ in range(3))
+        out = z.new_empty(n_atoms, half)
+        native.run_chunked(
+            lambda _, a, b: lib.ct_gated_forward(
+                _ptr(z), _ptr(scale), _ptr(shift), _ptr(gate), _ptr(core_slope), _ptr(core), _ptr(out),
+                a, b, n_slots, half,
+            ),
+            n_atoms,
+            chunks,
+        )
+        ctx.save_for_backward(z, gate, core_slope, core, edge_fea, nbr_idx, mean, invstd, bn_weight)
+        ctx.training = training
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        from crystal_transfer import native
+
+        lib = native.kernels()
+        z, gate, core_slope, core, edge_fea, nbr_idx, mean, invstd, bn_weight = ctx.saved_tensors
+        n_atoms, n_slots = nbr_idx.shape
+        half = gate.shape[1]
+        width = 2 * half
+        count = z.shape[0]
+        grad = grad.contiguous()
+        d_z = z.new_empty(z.shape)
+        chunks = native.chunk_count(n_atoms)
+        sums = torch.empty(2, chunks, width, dtype=torch.float64)
+        native.run_chunked(
+            lambda i, a, b: lib.ct_gated_backward_dy(
+                _ptr(grad), _ptr(gate), _ptr(core_slope), _ptr(core), _ptr(z), _ptr(d_z),
+                _ptr(sums[0, i]), _ptr(sums[1, i]), a, b, n_slots, half,
+            ),
+            n_atoms,
+            chunks,
+        )
+        total = sums.sum(dim=1)
+        sum_dy = total[0].float()
+        sum_dy_xhat = ((total[1] - mean.double() * total[0]) * invstd.double()).float()
+        scale = (bn_weight * invstd).contiguous()
+        if ctx.training:
+            k = scale * invstd * (sum_dy_xhat / count)
+            # dz = scale·(dy - mean(dy) - x̂·mean(dy·x̂)) = dy·scale + z·(-k) + (k·mean - scale·mean(dy))
+            z_coef, offset = (-k).contiguous(), (k * mean - scale * (sum_dy / count)).contiguous()
+        else:
+            z_coef, offset = torch.zeros_like(scale), torch.zeros_like(scale)
+        d_self = z.new_empty(n_atoms, width)
+        native.run_chunked(
+            lambda _, a, b: lib.ct_bn_backward_apply(
+                _ptr(d_z), _ptr(z), _ptr(scale), _ptr(z_coef), _ptr(offset), _ptr(d_self), a, b, n_slots, width
+            ),
+            n_atoms,
+            chunks,
+        )
+        d_nbr = None
+        if ctx.needs_input_grad[1]:
+            d_nbr = d_z.new_zeros(n_atoms, width).index_add_(0, nbr_idx.reshape(-1), d_z)
+        d_edge_weight = edge_fea.t().mm(d_z).t() if ctx.needs_input_grad[3] else None
+        d_bn_weight = sum_dy_xhat if ctx.needs_input_grad[4] else None
+        d_bn_bias = sum_dy if ctx.needs_input_grad[5] else None
+        d_self = d_self if ctx.needs_input_grad[0] else None
+        return d_self, d_nbr, None, d_edge_weight, d_bn_weight, d_bn_bias, None, None
+
+
 def _masked_batch_norm(bn: nn.BatchNorm1d, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """BatchNorm over the channels of (N, M, C) ``values``; only slots where ``mask`` is True are seen.
 
@@ -219,6 +342,9 @@ class ConvLayer(nn.Module):
         self.split_fc = split_fc
         # the edge part through _GatedMessages when every slot is real; False: the chain of eager modules
         self.fused = True
+        # within the fused path, the compiled C kernels (crystal_transfer.native) on float32 CPU tensors when the
+        # machine has a C compiler; False: PyTorch's operations (_GatedMessages)
+        self.native = True
         self.fc_full = nn.Linear(2 * atom_fea_len + nbr_fea_len, 2 * atom_fea_len)
         self.bn1 = nn.BatchNorm1d(2 * atom_fea_len)
         self.bn2 = nn.BatchNorm1d(atom_fea_len)
@@ -252,9 +378,18 @@ class ConvLayer(nn.Module):
         running = (bn.running_mean, bn.running_var) if (not bn.training or bn.track_running_stats) else (None, None)
         state = (batch_stats, *running, momentum, bn.eps)
         edges = edge_fea.reshape(-1, edge_fea.shape[-1])
-        return _GatedMessages.apply(
-            self_part, nbr_part, edges, weight[:, 2 * width :], bn.weight, bn.bias, nbr_idx, state
-        )
+        function = _GatedMessagesNative if self._native_applies(atom_fea, nbr_idx, batch_stats) else _GatedMessages
+        return function.apply(self_part, nbr_part, edges, weight[:, 2 * width :], bn.weight, bn.bias, nbr_idx, state)
+
+    def _native_applies(self, atom_fea: torch.Tensor, nbr_idx: torch.Tensor, batch_stats: bool) -> bool:
+        """Whether the compiled kernels take this call: float32 on the CPU, more than one edge, and built."""
+        if not self.native or atom_fea.device.type != "cpu" or atom_fea.dtype != torch.float32:
+            return False
+        if nbr_idx.numel() < 2 or self.bn1.weight is None:
+            return False
+        from crystal_transfer import native
+
+        return native.kernels() is not None
 
 
 class AttentionConvLayer(nn.Module):
