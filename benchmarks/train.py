@@ -7,8 +7,10 @@ Measured:
 
 - steady state: crystals/s of forward + backward + optimiser step over pre-collated training batches (our model
   expands the Gaussians inside its step, cgcnn2 gets them from its dataset), interleaved and repeated, medians;
-  also our model with the edge part as a chain of eager modules (``ConvLayer.fused = False``), to show what the
-  fused ``_GatedMessages`` path gains; glibc's allocator is tuned (``train.tune_allocator``) for every side;
+  also our model with the fused edge path in PyTorch operations (``ConvLayer.native = False``, what runs where
+  no C compiler works) and with the edge part as a chain of eager modules (``ConvLayer.fused = False``), to show
+  what the compiled kernels (``crystal_transfer.native``) and the fused path gain; glibc's allocator is tuned
+  (``train.tune_allocator``) for every side; the kernels are built (or loaded from the cache) before timing;
 - first epoch including data preparation: ours builds the graphs of those crystals from the canonical table
   (``build_graphs``) and runs one epoch (train + validation) with our ``Trainer``; cgcnn2 featurises the CIF files
   with its ``CIFData`` (as its training script does, every crystal before training) and runs one epoch with its
@@ -42,6 +44,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from crystal_transfer import native
 from crystal_transfer.batch import GraphBatch
 from crystal_transfer.dataset import label_values
 from crystal_transfer.graph_dataset import GraphDataset
@@ -271,6 +274,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     # our Trainer raises glibc's mmap threshold (train.tune_allocator); do it up front so both sides run with it
     tuned = tune_allocator()
+    started = time.perf_counter()
+    native.kernels()  # built once per machine (about 0.5 s), like an install step: not part of the first epoch
+    print(f"{native.describe()} ({time.perf_counter() - started:.2f} s)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; at start: {load_average()}")
     print(f"allocator tuning (glibc mmap threshold 32 MB, for both sides): {'on' if tuned else 'off'}")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -305,6 +311,11 @@ def main() -> None:
     ours = CGCNN(targets=[TARGET], **ARCHITECTURE)
     ours_opt = torch.optim.SGD(ours.parameters(), lr=LR, momentum=MOMENTUM)
     torch.manual_seed(0)
+    plain = CGCNN(targets=[TARGET], **ARCHITECTURE)
+    for conv in plain.convs:  # the fused edge path in PyTorch operations (_GatedMessages), no compiled kernels
+        conv.native = False
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=LR, momentum=MOMENTUM)
+    torch.manual_seed(0)
     eager = CGCNN(targets=[TARGET], **ARCHITECTURE)
     for conv in eager.convs:  # the chain of eager modules instead of the fused edge path (_GatedMessages)
         conv.fused = False
@@ -312,10 +323,12 @@ def main() -> None:
     theirs = cgcnn2_model()
     theirs_opt = torch.optim.SGD(theirs.parameters(), lr=LR, momentum=MOMENTUM)
     ours.train()
+    plain.train()
     eager.train()
     theirs.train()
     runs = {
         "ours": (lambda b: ours_step(ours, ours_opt, b), ours_train),
+        "torch": (lambda b: ours_step(plain, plain_opt, b), ours_train),
         "eager": (lambda b: ours_step(eager, eager_opt, b), ours_train),
         "cgcnn2": (lambda b: cgcnn2_step(theirs, theirs_opt, b), theirs_train),
     }
@@ -342,12 +355,16 @@ def main() -> None:
         f"steady state, forward + backward + SGD step over {n_train} train crystals ({atoms} atoms), "
         f"median of {args.repeats} interleaved passes:"
     )
-    for name in ("ours", "eager", "cgcnn2"):
+    for name in ("ours", "torch", "eager", "cgcnn2"):
         spread = ", ".join(f"{t:.2f}" for t in steady[name])
         print(f"  {name:7s} {n_train / med[name]:8.0f} crystals/s  ({med[name]:.3f} s per pass; all: {spread})")
-    print("  (eager: our model with ConvLayer.fused = False, the edge part as a chain of eager modules)")
-    print(f"  ratio ours / cgcnn2: {med['cgcnn2'] / med['ours']:.2f}x (target >= 3x); "
-          f"fused / eager: {med['eager'] / med['ours']:.2f}x")
+    print("  (torch: our model with ConvLayer.native = False, the fused edge path in PyTorch operations, as on a")
+    print("   machine without a C compiler; eager: ConvLayer.fused = False, the edge part as a chain of eager modules)")
+    print(
+        f"  ratio ours / cgcnn2: {med['cgcnn2'] / med['ours']:.2f}x (target >= 3x); "
+        f"torch / cgcnn2: {med['cgcnn2'] / med['torch']:.2f}x; ours / torch: {med['torch'] / med['ours']:.2f}x; "
+        f"ours / eager: {med['eager'] / med['ours']:.2f}x"
+    )
     print(
         f"our step: {flops / 1e9:.2f} GFLOP per pass by FlopCounterMode (eager twin), "
         f"{by_formula / 1e9:.2f} by formula "

@@ -125,10 +125,12 @@ void ct_gated_backward_dy(const float *restrict grad, const float *restrict gate
   }
 }
 
-/* dz = dz * a + z * b + c in place for atoms [n0, n1); d_self[n, :] = sum_m dz[n, m, :] */
+/* dz = dz * a + z * b + c in place for atoms [n0, n1); d_self[n, :] = sum_m dz[n, m, :] and, when d_nbr is not
+   NULL, d_nbr[idx[e], :] += dz[e, :] (d_nbr zeroed by the caller; one buffer per range of atoms) */
 void ct_bn_backward_apply(float *restrict dz, const float *restrict z, const float *restrict a,
-                          const float *restrict b, const float *restrict c, float *restrict d_self,
-                          int64_t n0, int64_t n1, int64_t n_slots, int64_t width) {
+                          const float *restrict b, const float *restrict c, const int64_t *restrict idx,
+                          float *restrict d_self, float *restrict d_nbr, int64_t n0, int64_t n1, int64_t n_slots,
+                          int64_t width) {
   for (int64_t n = n0; n < n1; n++) {
     float *ds = d_self + n * width;
     for (int64_t k = 0; k < width; k++) ds[k] = 0.0f;
@@ -136,9 +138,17 @@ void ct_bn_backward_apply(float *restrict dz, const float *restrict z, const flo
       int64_t e = n * n_slots + m;
       float *d = dz + e * width;
       const float *row = z + e * width;
-      for (int64_t k = 0; k < width; k++) {
-        float v = d[k] * a[k] + row[k] * b[k] + c[k];
-        d[k] = v; ds[k] += v;
+      if (d_nbr) {
+        float *dn = d_nbr + idx[e] * width;
+        for (int64_t k = 0; k < width; k++) {
+          float v = d[k] * a[k] + row[k] * b[k] + c[k];
+          d[k] = v; ds[k] += v; dn[k] += v;
+        }
+      } else {
+        for (int64_t k = 0; k < width; k++) {
+          float v = d[k] * a[k] + row[k] * b[k] + c[k];
+          d[k] = v; ds[k] += v;
+        }
       }
     }
   }

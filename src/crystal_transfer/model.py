@@ -296,16 +296,20 @@ class _GatedMessagesNative(torch.autograd.Function):
         else:
             z_coef, offset = torch.zeros_like(scale), torch.zeros_like(scale)
         d_self = z.new_empty(n_atoms, width)
+        flat_idx = nbr_idx.reshape(-1).contiguous()
+        # the neighbour gradient is scattered in the same pass, into one buffer per piece of atoms
+        d_nbr_pieces = z.new_zeros(chunks, n_atoms, width) if ctx.needs_input_grad[1] else None
         native.run_chunked(
-            lambda _, a, b: lib.ct_bn_backward_apply(
-                _ptr(d_z), _ptr(z), _ptr(scale), _ptr(z_coef), _ptr(offset), _ptr(d_self), a, b, n_slots, width
+            lambda i, a, b: lib.ct_bn_backward_apply(
+                _ptr(d_z), _ptr(z), _ptr(scale), _ptr(z_coef), _ptr(offset), _ptr(flat_idx), _ptr(d_self),
+                None if d_nbr_pieces is None else _ptr(d_nbr_pieces[i]), a, b, n_slots, width,
             ),
             n_atoms,
             chunks,
         )
         d_nbr = None
-        if ctx.needs_input_grad[1]:
-            d_nbr = d_z.new_zeros(n_atoms, width).index_add_(0, nbr_idx.reshape(-1), d_z)
+        if d_nbr_pieces is not None:
+            d_nbr = d_nbr_pieces[0] if chunks == 1 else d_nbr_pieces.sum(dim=0)
         d_edge_weight = edge_fea.t().mm(d_z).t() if ctx.needs_input_grad[3] else None
         d_bn_weight = sum_dy_xhat if ctx.needs_input_grad[4] else None
         d_bn_bias = sum_dy if ctx.needs_input_grad[5] else None

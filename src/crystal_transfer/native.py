@@ -42,7 +42,7 @@ _FUNCTIONS = {
     "ct_col_stats": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p],
     "ct_gated_forward": [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 4,
     "ct_gated_backward_dy": [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 4,
-    "ct_bn_backward_apply": [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4,
+    "ct_bn_backward_apply": [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 4,
 }
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
@@ -89,6 +89,7 @@ def _build(compiler: str, target_dir: Path) -> Path:
         ).hexdigest()[:20]
         library = target_dir / f"gated_kernels-{key}.so"
         if library.exists():
+            _STATE["built"] = False
             return library
         target_dir.mkdir(parents=True, exist_ok=True)
         fd, temp = tempfile.mkstemp(dir=target_dir, prefix=".gated_kernels-", suffix=".so")
@@ -99,6 +100,7 @@ def _build(compiler: str, target_dir: Path) -> Path:
             )
             if done.returncode == 0:
                 os.replace(temp, library)
+                _STATE["built"] = True
                 return library
             errors.append(f"{' '.join(flags)}: {done.stderr.strip()[-400:]}")
         except (OSError, subprocess.SubprocessError) as error:
@@ -118,6 +120,7 @@ def _load() -> ctypes.CDLL:
     except PermissionError:
         library = _build(compiler, Path(tempfile.gettempdir()) / f"crystal_transfer-{os.getuid()}" / "native")
     lib = ctypes.CDLL(str(library))
+    _STATE["path"] = library
     for name, argtypes in _FUNCTIONS.items():
         function = getattr(lib, name)
         function.argtypes = argtypes
@@ -155,6 +158,16 @@ def kernels() -> ctypes.CDLL | None:
 def unavailable_reason() -> str | None:
     """Why ``kernels()`` returned None (None when they are loaded or not yet tried)."""
     return _STATE.get("reason")  # type: ignore[return-value]
+
+
+def describe() -> str:
+    """One line on the kernels' state: built now or taken from the cache (and where), or why unavailable."""
+    if "lib" not in _STATE:
+        return "compiled kernels: not loaded yet"
+    if _STATE["lib"] is None:
+        return f"compiled kernels: unavailable ({_STATE['reason']}); PyTorch path"
+    how = "built now" if _STATE.get("built") else "loaded from the cache"
+    return f"compiled kernels: {how}, {_STATE['path']}"
 
 
 def reset() -> None:
