@@ -622,7 +622,7 @@ def test_native_kernels_fall_back_when_no_compiler(tmp_path: Path, monkeypatch: 
     from crystal_transfer import native
 
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setenv("CRYSTAL_TRANSFER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CRYSTAL_TRANSFER_CACHE", str(tmp_path / "cache"))
     native.reset()
     try:
         layer = ConvLayer(64, 41)
@@ -646,7 +646,7 @@ def test_native_kernels_build_once_per_cache(tmp_path: Path, monkeypatch: pytest
 
     if native._compiler() is None:
         pytest.skip("no C compiler on this machine")
-    monkeypatch.setenv("CRYSTAL_TRANSFER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CRYSTAL_TRANSFER_CACHE", str(tmp_path))
     native.reset()
     try:
         assert native.kernels() is not None, native.unavailable_reason()

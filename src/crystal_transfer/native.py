@@ -8,9 +8,8 @@ a cache directory and loaded with ``ctypes``; no PyTorch headers, so the build t
 
 Where no C compiler works (or with ``CRYSTAL_TRANSFER_NATIVE=0``) ``kernels()`` returns None, says why in
 ``unavailable_reason()`` and the model keeps its PyTorch path (``model._GatedMessages``): the same numbers to
-float rounding, somewhat slower. The cache directory is ``$CRYSTAL_TRANSFER_CACHE_DIR``, else
-``$XDG_CACHE_HOME/crystal_transfer`` or ``~/.cache/crystal_transfer``; a read-only home falls back to the
-system's temporary directory.
+float rounding, somewhat slower. The cache directory is ``$CRYSTAL_TRANSFER_CACHE/native``, else
+``~/.cache/crystal_transfer/native``; where that cannot be written, the system's temporary directory.
 """
 
 from __future__ import annotations
@@ -49,11 +48,9 @@ _STATE: dict[str, object] = {}
 
 
 def cache_dir() -> Path:
-    """Where compiled kernels are kept (see the module docstring)."""
-    if os.environ.get("CRYSTAL_TRANSFER_CACHE_DIR"):
-        return Path(os.environ["CRYSTAL_TRANSFER_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "crystal_transfer"
+    """Where compiled kernels are kept: ``$CRYSTAL_TRANSFER_CACHE/native``, else ``~/.cache/crystal_transfer/native``
+    (the cache of the published checkpoints' wheel too)."""
+    return Path(os.environ.get("CRYSTAL_TRANSFER_CACHE") or Path.home() / ".cache" / "crystal_transfer") / "native"
 
 
 def _compiler() -> str | None:
@@ -116,9 +113,10 @@ def _load() -> ctypes.CDLL:
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
     try:
-        library = _build(compiler, cache_dir() / "native")
-    except PermissionError:
-        library = _build(compiler, Path(tempfile.gettempdir()) / f"crystal_transfer-{os.getuid()}" / "native")
+        library = _build(compiler, cache_dir())
+    except OSError:  # cache not writable (read-only home, quota): a per-user temporary directory
+        user = getattr(os, "getuid", lambda: 0)()
+        library = _build(compiler, Path(tempfile.gettempdir()) / f"crystal_transfer-{user}" / "native")
     lib = ctypes.CDLL(str(library))
     _STATE["path"] = library
     for name, argtypes in _FUNCTIONS.items():
