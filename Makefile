@@ -24,6 +24,8 @@ $(VENV)/.installed: pyproject.toml
 	  $(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_CPU)"; \
 	fi
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	@# the CGCNN edge kernels, compiled once per machine (without a C compiler the PyTorch path runs instead)
+	$(BIN)/python -c "from crystal_transfer import native; native.kernels(); print(native.describe())"
 	touch $@
 
 # The rules call `python -m crystal_transfer`: the venv's bin comes first on PATH.
