@@ -3,9 +3,9 @@
 PyTorch runs CGCNN's edge part (BatchNorm, sigmoid, softplus, product, neighbour sum and their gradients) as one
 pass over the (atoms × 12 × 128) edge tensor per operation, and its CPU ``softplus``, ``exp`` and ``log`` are slow
 on some machines (0.6–1 ns per element on this project's AMD EPYC, against 0.25 for ``sigmoid``). ``gated_kernels.c``
-does those passes in five
-vectorised loops. It is compiled once per machine, compiler and source (``-O3 -march=native -ffast-math``) into
-a cache directory and loaded with ``ctypes``; no PyTorch headers, so the build takes about half a second.
+does those passes in five vectorised loops. It is compiled once per machine, compiler and source (``-O3
+-march=native -ffast-math``) into a cache directory and loaded with ``ctypes``; no PyTorch headers, so the build
+takes about half a second.
 
 Where no C compiler works (or with ``CRYSTAL_TRANSFER_NATIVE=0``) ``kernels()`` returns None, says why in
 ``unavailable_reason()`` and the model keeps its PyTorch path (``model._GatedMessages``): the same numbers to
