@@ -616,6 +616,20 @@ def test_native_kernels_accurate_over_the_whole_float_range() -> None:
     assert (error <= torch.maximum(1e-5 * expected_grad.abs() + 1e-9, 2 * torch_error)).all()
 
 
+def test_native_kernels_refuse_an_index_out_of_range(fast_graphs: list[Graph]) -> None:
+    """The C loops read rows unchecked, so a bad neighbour index fails before them, as index_select would."""
+    _native_or_skip()
+    layer = ConvLayer(64, 41)
+    batch = make_batch(fast_graphs[:5])
+    edge_fea = gaussian_expand(batch.nbr_dist.float(), gaussian_centres(0.0, RADIUS, 0.2).float(), 0.2)
+    atoms = torch.randn(len(batch.numbers), 64)
+    bad = batch.nbr_idx.clone()
+    bad[-1, -1] = len(batch.numbers)
+    assert layer._native_applies(atoms, bad, True)
+    with pytest.raises(IndexError, match="neighbour index out of range"):
+        layer(atoms, bad, edge_fea, None)
+
+
 def test_native_kernels_fall_back_when_no_compiler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    fast_graphs: list[Graph]) -> None:
     """Without a working C compiler the layer warns once, says why, and keeps PyTorch's path."""

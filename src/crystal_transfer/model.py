@@ -200,8 +200,8 @@ class _GatedMessagesNative(torch.autograd.Function):
     Same inputs, outputs and BatchNorm semantics (batch statistics, biased for normalising and unbiased for the
     running variance, as ``nn.BatchNorm1d``); float32 CPU tensors only. Gather plus self part, the BatchNorm
     statistics (accumulated in float64), the fused sigmoid · softplus with the neighbour sum, and in the backward
-    the gradient of the BatchNorm input with the per-atom sum are one C loop each; the matmuls and the scatter of
-    the neighbour gradient stay with PyTorch. tests/test_model.py compares it with :class:`_GatedMessages`.
+    the gradient of the BatchNorm input with the per-atom sum and the scatter of the neighbour gradient are one C
+    loop each; the matmuls stay with PyTorch. tests/test_model.py compares it with :class:`_GatedMessages`.
     """
 
     @staticmethod
@@ -215,7 +215,11 @@ class _GatedMessagesNative(torch.autograd.Function):
         half = width // 2
         n_edges = n_atoms * n_slots
         self_part, nbr_part = self_part.contiguous(), nbr_part.contiguous()
-        flat_idx = nbr_idx.reshape(-1).contiguous()
+        flat_idx = nbr_idx.reshape(-1).to(torch.int64).contiguous()
+        # the C loops read rows at these indices unchecked: an index out of range must fail here, as index_select would
+        lowest, highest = int(flat_idx.min()), int(flat_idx.max())
+        if lowest < 0 or highest >= n_atoms:
+            raise IndexError(f"neighbour index out of range for {n_atoms} atoms: {lowest}..{highest}")
         z = self_part.new_empty(n_edges, width)
         chunks = native.chunk_count(n_atoms)
         native.run_chunked(
@@ -296,7 +300,7 @@ class _GatedMessagesNative(torch.autograd.Function):
         else:
             z_coef, offset = torch.zeros_like(scale), torch.zeros_like(scale)
         d_self = z.new_empty(n_atoms, width)
-        flat_idx = nbr_idx.reshape(-1).contiguous()
+        flat_idx = nbr_idx.reshape(-1).to(torch.int64).contiguous()
         # the neighbour gradient is scattered in the same pass, into one buffer per piece of atoms
         d_nbr_pieces = z.new_zeros(chunks, n_atoms, width) if ctx.needs_input_grad[1] else None
         native.run_chunked(
