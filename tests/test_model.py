@@ -625,7 +625,7 @@ def test_native_kernels_refuse_an_index_out_of_range(fast_graphs: list[Graph]) -
     atoms = torch.randn(len(batch.numbers), 64)
     bad = batch.nbr_idx.clone()
     bad[-1, -1] = len(batch.numbers)
-    assert layer._native_applies(atoms, bad, True)
+    assert layer._native_applies(atoms, bad)
     with pytest.raises(IndexError, match="neighbour index out of range"):
         layer(atoms, bad, edge_fea, None)
 
@@ -644,7 +644,7 @@ def test_native_kernels_fall_back_when_no_compiler(tmp_path: Path, monkeypatch: 
         edge_fea = gaussian_expand(batch.nbr_dist.float(), gaussian_centres(0.0, RADIUS, 0.2).float(), 0.2)
         atoms = torch.randn(len(batch.numbers), 64)
         with pytest.warns(RuntimeWarning, match="compiled CGCNN kernels unavailable"):
-            assert not layer._native_applies(atoms, batch.nbr_idx, True)
+            assert not layer._native_applies(atoms, batch.nbr_idx)
         assert "no-such-cc" in native.unavailable_reason()
         reference = copy.deepcopy(layer)
         reference.native = False

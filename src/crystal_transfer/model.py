@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crystal_transfer import native
 from crystal_transfer.batch import GraphBatch
 
 CONV_TYPES = ("gated", "attention")
@@ -123,6 +124,19 @@ class _GatherRows(torch.autograd.Function):
         return source_grad.index_add_(0, index.reshape(-1), grad.reshape(-1, channels)), None
 
 
+def _batch_norm_input_grad_coefficients(
+    scale: torch.Tensor, invstd: torch.Tensor, mean: torch.Tensor, sum_dy: torch.Tensor, sum_dy_xhat: torch.Tensor,
+    count: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z_coef, offset) with dz = dy·scale + z·z_coef + offset, BatchNorm's input gradient with batch statistics.
+
+    dz = scale·(dy - mean(dy) - x̂·mean(dy·x̂)) with x̂ = (z - mean)·invstd and scale = weight·invstd; used by both
+    gated-message functions.
+    """
+    k = scale * invstd * (sum_dy_xhat / count)
+    return -k, k * mean - scale * (sum_dy / count)
+
+
 class _GatedMessages(torch.autograd.Function):
     """Σ_j σ(f_ij) ⊙ softplus(c_ij) with [f, c] = BatchNorm(z), z = self_part_i + nbr_part_j + u_ij W_eᵀ.
 
@@ -173,10 +187,8 @@ class _GatedMessages(torch.autograd.Function):
         sum_dy_xhat = (torch.linalg.vecdot(d_normed, z, dim=0) - mean * sum_dy) * invstd
         scale = bn_weight * invstd
         if ctx.training:
-            count = z.shape[0]
-            k = scale * invstd * (sum_dy_xhat / count)
-            # dz = scale·(dy - mean(dy) - x̂·mean(dy·x̂)), as dy·scale + z·(-k) + (k·mean - scale·mean(dy))
-            d_z = d_normed.mul_(scale).addcmul_(z, -k).add_(k * mean - scale * (sum_dy / count))
+            z_coef, offset = _batch_norm_input_grad_coefficients(scale, invstd, mean, sum_dy, sum_dy_xhat, z.shape[0])
+            d_z = d_normed.mul_(scale).addcmul_(z, z_coef).add_(offset)
         else:
             d_z = d_normed.mul_(scale)
         d_self = d_z.view(n_atoms, n_slots, -1).sum(dim=1) if ctx.needs_input_grad[0] else None
@@ -206,8 +218,6 @@ class _GatedMessagesNative(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, self_part, nbr_part, edge_fea, edge_weight, bn_weight, bn_bias, nbr_idx, bn_state):
-        from crystal_transfer import native
-
         lib = native.kernels()
         training, running_mean, running_var, momentum, eps = bn_state
         n_atoms, n_slots = nbr_idx.shape
@@ -217,7 +227,7 @@ class _GatedMessagesNative(torch.autograd.Function):
         self_part, nbr_part = self_part.contiguous(), nbr_part.contiguous()
         flat_idx = nbr_idx.reshape(-1).to(torch.int64).contiguous()
         # the C loops read rows at these indices unchecked: an index out of range must fail here, as index_select would
-        lowest, highest = int(flat_idx.min()), int(flat_idx.max())
+        lowest, highest = (int(v) for v in torch.aminmax(flat_idx))
         if lowest < 0 or highest >= n_atoms:
             raise IndexError(f"neighbour index out of range for {n_atoms} atoms: {lowest}..{highest}")
         z = self_part.new_empty(n_edges, width)
@@ -269,8 +279,6 @@ class _GatedMessagesNative(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        from crystal_transfer import native
-
         lib = native.kernels()
         z, gate, core_slope, core, edge_fea, nbr_idx, mean, invstd, bn_weight = ctx.saved_tensors
         n_atoms, n_slots = nbr_idx.shape
@@ -294,9 +302,8 @@ class _GatedMessagesNative(torch.autograd.Function):
         sum_dy_xhat = ((total[1] - mean.double() * total[0]) * invstd.double()).float()
         scale = (bn_weight * invstd).contiguous()
         if ctx.training:
-            k = scale * invstd * (sum_dy_xhat / count)
-            # dz = scale·(dy - mean(dy) - x̂·mean(dy·x̂)) = dy·scale + z·(-k) + (k·mean - scale·mean(dy))
-            z_coef, offset = (-k).contiguous(), (k * mean - scale * (sum_dy / count)).contiguous()
+            z_coef, offset = _batch_norm_input_grad_coefficients(scale, invstd, mean, sum_dy, sum_dy_xhat, count)
+            z_coef, offset = z_coef.contiguous(), offset.contiguous()
         else:
             z_coef, offset = torch.zeros_like(scale), torch.zeros_like(scale)
         d_self = z.new_empty(n_atoms, width)
@@ -386,17 +393,15 @@ class ConvLayer(nn.Module):
         running = (bn.running_mean, bn.running_var) if (not bn.training or bn.track_running_stats) else (None, None)
         state = (batch_stats, *running, momentum, bn.eps)
         edges = edge_fea.reshape(-1, edge_fea.shape[-1])
-        function = _GatedMessagesNative if self._native_applies(atom_fea, nbr_idx, batch_stats) else _GatedMessages
+        function = _GatedMessagesNative if self._native_applies(atom_fea, nbr_idx) else _GatedMessages
         return function.apply(self_part, nbr_part, edges, weight[:, 2 * width :], bn.weight, bn.bias, nbr_idx, state)
 
-    def _native_applies(self, atom_fea: torch.Tensor, nbr_idx: torch.Tensor, batch_stats: bool) -> bool:
+    def _native_applies(self, atom_fea: torch.Tensor, nbr_idx: torch.Tensor) -> bool:
         """Whether the compiled kernels take this call: float32 on the CPU, more than one edge, and built."""
         if not self.native or atom_fea.device.type != "cpu" or atom_fea.dtype != torch.float32:
             return False
         if nbr_idx.numel() < 2 or self.bn1.weight is None:
             return False
-        from crystal_transfer import native
-
         return native.kernels() is not None
 
 
