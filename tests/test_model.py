@@ -453,6 +453,11 @@ def test_gather_rows_equals_indexing() -> None:
     assert torch.allclose(ours, theirs, atol=1e-12)
 
 
+def _edge_features(batch: GraphBatch, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """CGCNN's Gaussian edge features of ``batch`` in ``dtype`` (float32: the input the compiled kernels take)."""
+    return gaussian_expand(batch.nbr_dist.to(dtype), gaussian_centres(0.0, RADIUS, 0.2).to(dtype), 0.2)
+
+
 def _conv_with_random_batch_norm(dtype: torch.dtype) -> ConvLayer:
     """A gated layer (64 atom, 41 edge features) with non-trivial BatchNorm parameters and running statistics."""
     layer = ConvLayer(64, 41).to(dtype)
@@ -476,7 +481,7 @@ def test_fused_gated_messages_equal_eager_modules(fast_graphs: list[Graph], trai
         eager.fused = False
         fused.train(training)
         eager.train(training)
-        edge_fea = gaussian_expand(batch.nbr_dist.to(dtype), gaussian_centres(0.0, RADIUS, 0.2).to(dtype), 0.2)
+        edge_fea = _edge_features(batch, dtype)
         atoms = torch.randn(len(batch.numbers), 64, dtype=dtype)
         weights = torch.randn(len(batch.numbers), 64, dtype=dtype)
         results = []
@@ -543,7 +548,7 @@ def test_native_gated_messages_equal_torch_path(fast_graphs: list[Graph], traini
     layer = _conv_with_random_batch_norm(torch.float32)
     reference = copy.deepcopy(layer)
     reference.native = False
-    edge_fea = gaussian_expand(batch.nbr_dist.float(), gaussian_centres(0.0, RADIUS, 0.2).float(), 0.2)
+    edge_fea = _edge_features(batch)
     atoms = torch.randn(len(batch.numbers), 64) * 2.0
     weights = torch.randn(len(batch.numbers), 64)
     previous = torch.get_num_threads()
@@ -621,7 +626,7 @@ def test_native_kernels_refuse_an_index_out_of_range(fast_graphs: list[Graph]) -
     _native_or_skip()
     layer = ConvLayer(64, 41)
     batch = make_batch(fast_graphs[:5])
-    edge_fea = gaussian_expand(batch.nbr_dist.float(), gaussian_centres(0.0, RADIUS, 0.2).float(), 0.2)
+    edge_fea = _edge_features(batch)
     atoms = torch.randn(len(batch.numbers), 64)
     bad = batch.nbr_idx.clone()
     bad[-1, -1] = len(batch.numbers)
@@ -641,7 +646,7 @@ def test_native_kernels_fall_back_when_no_compiler(tmp_path: Path, monkeypatch: 
     try:
         layer = ConvLayer(64, 41)
         batch = make_batch(fast_graphs[:5])
-        edge_fea = gaussian_expand(batch.nbr_dist.float(), gaussian_centres(0.0, RADIUS, 0.2).float(), 0.2)
+        edge_fea = _edge_features(batch)
         atoms = torch.randn(len(batch.numbers), 64)
         with pytest.warns(RuntimeWarning, match="compiled CGCNN kernels unavailable"):
             assert not layer._native_applies(atoms, batch.nbr_idx)

@@ -175,8 +175,7 @@ def reset() -> None:
         _STATE.clear()
 
 
-_POOL: list[ThreadPoolExecutor] = []
-_POOL_SIZE = [0]
+_POOL: list[ThreadPoolExecutor] = []  # at most one, with as many workers as the largest split so far
 
 
 def chunk_count(n: int) -> int:
@@ -196,11 +195,10 @@ def run_chunked(call: Callable[[int, int, int], None], n: int, chunks: int) -> N
         return
     bounds = [n * i // chunks for i in range(chunks + 1)]
     with _LOCK:
-        if _POOL_SIZE[0] < chunks:
+        if not _POOL or _POOL[0]._max_workers < chunks:
             if _POOL:
                 _POOL[0].shutdown(wait=False)
             _POOL[:] = [ThreadPoolExecutor(max_workers=chunks, thread_name_prefix="crystal_transfer-native")]
-            _POOL_SIZE[0] = chunks
         pool = _POOL[0]
     for future in [pool.submit(call, i, bounds[i], bounds[i + 1]) for i in range(chunks)]:
         future.result()
