@@ -284,6 +284,82 @@ def test_brute_force_periodic_images_agree(sample):
     assert checked >= 25
 
 
+def _compiled_search_or_skip():
+    from crystal_transfer import native
+
+    if native.neighbour_kernels() is None:
+        pytest.skip(f"compiled neighbour search unavailable: {native.unavailable_reason('neighbours')}")
+
+
+@pytest.mark.parametrize("policy", ["extend", "keep"])
+def test_compiled_neighbour_search_equals_the_pymatgen_path(sample, policy):
+    """neighbour_kernels.c and pymatgen + NumPy give the same graph for every crystal of the sample."""
+    from crystal_transfer.graphs import _table_arrays, file_sha256
+
+    _compiled_search_or_skip()
+    arrays = _table_arrays(sample["table"], file_sha256(sample["table"]))
+    settings = GraphSettings(isolated_atoms=policy)
+    ties = 0
+    for row, crystal_id in enumerate(arrays["ids"]):
+        a0, a1 = arrays["atom_ptr"][row], arrays["atom_ptr"][row + 1]
+        args = (arrays["lattice"][row], arrays["frac"][a0:a1], arrays["numbers"][a0:a1], settings)
+        ours, theirs = crystal_graph(*args), crystal_graph(*args, use_native=False)
+        assert ours.radius == theirs.radius, crystal_id
+        np.testing.assert_array_equal(ours.nbr_idx, theirs.nbr_idx, err_msg=crystal_id)
+        np.testing.assert_array_equal(ours.nbr_count, theirs.nbr_count, err_msg=crystal_id)
+        np.testing.assert_allclose(ours.nbr_dist, theirs.nbr_dist, rtol=0, atol=1e-6, err_msg=crystal_id)
+        ties += int((np.abs(np.diff(ours.nbr_dist, axis=1)) <= TIE_TOLERANCE).sum())
+    assert ties > 1000  # the tie rule was exercised, not only distinct distances
+
+
+def test_compiled_and_pymatgen_shards_are_identical(sample, tmp_path, monkeypatch):
+    """A whole graph folder built with the compiled search (one call per shard) equals the pymatgen-built one."""
+    from crystal_transfer import native
+
+    _compiled_search_or_skip()
+    settings = GraphSettings()
+    build_graphs(sample["table"], tmp_path / "compiled", settings, 100, dataset="sample", log=lambda _: None)
+    monkeypatch.setenv("CRYSTAL_TRANSFER_NATIVE", "0")
+    native.reset()
+    try:
+        build_graphs(sample["table"], tmp_path / "pymatgen", settings, 100, dataset="sample", log=lambda _: None)
+    finally:
+        monkeypatch.delenv("CRYSTAL_TRANSFER_NATIVE")
+        native.reset()
+    compiled, pymatgen = (read_json(tmp_path / side / "manifest.json") for side in ("compiled", "pymatgen"))
+    assert compiled["counts"] == pymatgen["counts"] and compiled["extended"] == pymatgen["extended"]
+    for entry in compiled["shards"]:
+        one, two = (tmp_path / side / entry["file"] for side in ("compiled", "pymatgen"))
+        first, second = map_arrays(one, read_header(one)), map_arrays(two, read_header(two))
+        assert read_header(one)["meta"]["ids"] == read_header(two)["meta"]["ids"]
+        for name in first:
+            if name == "nbr_dist":
+                np.testing.assert_allclose(first[name], second[name], rtol=0, atol=1e-6)
+            else:
+                np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+
+
+def test_compiled_neighbour_search_names_a_broken_crystal(sample):
+    """A singular lattice or a non-finite coordinate is refused with the reason, not a crash or a silent graph."""
+    from crystal_transfer import native
+    from crystal_transfer.graphs import NeighbourSearchError, _native_lists
+
+    _compiled_search_or_skip()
+    lib = native.neighbour_kernels()
+    good = np.eye(3) * 4.0
+    flat = np.array([[4.0, 0, 0], [0, 4.0, 0], [4.0, 4.0, 0]])  # three coplanar rows: zero volume
+    frac = np.array([[0.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.1, 0.2, 0.3]])
+    with pytest.raises(NeighbourSearchError, match="singular lattice") as caught:
+        _native_lists(lib, np.stack([good, flat]), np.array([0, 2, 3]), frac, np.array([8, 8, 8]),
+                      np.array([8.0, 8.0]), 12, TIE_TOLERANCE)
+    assert caught.value.crystal == 1
+    frac[1, 2] = np.nan
+    with pytest.raises(NeighbourSearchError, match="non-finite") as caught:
+        _native_lists(lib, good[None], np.array([0, 2]), frac[:2], np.array([8, 8]), np.array([8.0]), 12,
+                      TIE_TOLERANCE)
+    assert caught.value.crystal == 0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Isolated atoms
 

@@ -6,8 +6,10 @@ models expand the distances (:func:`gaussian_expand`).
 
 Neighbour selection reproduces CGCNN (``CIFData``): all neighbours within the radius (periodic images
 included, as pymatgen's ``get_all_neighbors``), sorted by distance, the first ``max_num_nbr`` kept. The
-search is pymatgen's compiled ``find_points_in_spheres``, the routine behind ``get_all_neighbors``, called
-once per crystal on plain arrays. Ties are broken deterministically: distances within ``TIE_TOLERANCE`` of
+search and selection run in ``neighbour_kernels.c`` (compiled by :mod:`crystal_transfer.native`, one call per
+shard); where no C compiler works, in pymatgen's ``find_points_in_spheres`` (the routine behind
+``get_all_neighbors``) plus NumPy, per crystal. Both give the same graphs (a test compares them on real crystals).
+Ties are broken deterministically: distances within ``TIE_TOLERANCE`` of
 each other form one shell, ordered by neighbour index, then by periodic image. CGCNN keeps pymatgen's
 output order inside a tie, which differs between pymatgen versions.
 
@@ -35,7 +37,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from crystal_transfer import __version__
+from crystal_transfer import __version__, native
 from crystal_transfer.atomic import csv_text, write_json, write_text
 from crystal_transfer.atomic import sha256_file as file_sha256  # noqa: F401  (public name used by callers)
 from crystal_transfer.shards import map_arrays, read_header, write_shard
@@ -55,6 +57,17 @@ TABLE_COLUMNS = ["id", "num_sites", "lattice", "numbers", "frac_coords"]
 
 class GraphStageError(Exception):
     """The graphs stage cannot run or its outputs cannot be trusted (stale, corrupted or missing shards)."""
+
+
+class NeighbourSearchError(GraphStageError):
+    """The compiled neighbour search refused crystal ``crystal`` (index in its batch) of a batch."""
+
+    REASONS = {-1: "out of memory", -2: "singular lattice (zero volume)", -3: "non-finite fractional coordinates"}
+
+    def __init__(self, crystal: int, status: int) -> None:
+        self.crystal = crystal
+        self.what = f"neighbour search failed: {self.REASONS.get(status, f'error {status}')}"
+        super().__init__(f"crystal {crystal} of the batch: {self.what}")
 
 
 @dataclass(frozen=True)
@@ -219,17 +232,69 @@ def select_neighbours(
     return centre[keep], neighbour[keep], distance[keep]
 
 
+def _native_lists(
+    lib: Any,
+    lattices: np.ndarray,
+    atom_ptr: np.ndarray,
+    frac: np.ndarray,
+    numbers: np.ndarray,
+    radii: np.ndarray,
+    max_num_nbr: int,
+    tie_tolerance: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Neighbour lists of several crystals by ``neighbour_kernels.c``: ``(nbr_idx, nbr_dist, nbr_count)`` per atom.
+
+    Crystal ``c`` is atoms ``atom_ptr[c]:atom_ptr[c + 1]``; its padded slots point at atom 0 at ``radii[c] + 1``.
+    """
+    lattices = np.ascontiguousarray(lattices, dtype=np.float64).reshape(-1, 9)
+    atom_ptr = np.ascontiguousarray(atom_ptr, dtype=np.int64)
+    frac = np.ascontiguousarray(frac, dtype=np.float64).reshape(-1, 3)
+    numbers = np.ascontiguousarray(numbers, dtype=np.int64)
+    radii = np.ascontiguousarray(radii, dtype=np.float64)
+    pad = (radii + 1.0).astype(np.float32)
+    atoms = int(atom_ptr[-1] - atom_ptr[0])
+    if atom_ptr[0] != 0:
+        atom_ptr = atom_ptr - atom_ptr[0]
+    nbr_idx = np.empty((atoms, max_num_nbr), dtype=np.int64)
+    nbr_dist = np.empty((atoms, max_num_nbr), dtype=np.float32)
+    nbr_count = np.empty(atoms, dtype=np.int64)
+    failed = np.zeros(1, dtype=np.int64)
+    status = lib.ct_neighbour_lists(
+        len(radii), atom_ptr.ctypes.data, lattices.ctypes.data, frac.ctypes.data, numbers.ctypes.data,
+        radii.ctypes.data, pad.ctypes.data, max_num_nbr, NUMERICAL_TOL, tie_tolerance, PARTITION_MARGIN,
+        nbr_idx.ctypes.data, nbr_dist.ctypes.data, nbr_count.ctypes.data, failed.ctypes.data,
+    )
+    if status != 0:
+        raise NeighbourSearchError(int(failed[0]), int(status))
+    return nbr_idx, nbr_dist, nbr_count
+
+
 def crystal_graph(
-    lattice: np.ndarray, frac_coords: np.ndarray, numbers: np.ndarray, settings: GraphSettings
+    lattice: np.ndarray,
+    frac_coords: np.ndarray,
+    numbers: np.ndarray,
+    settings: GraphSettings,
+    use_native: bool = True,
 ) -> CrystalGraph | str:
-    """The graph of one crystal, or a rejection message when an isolated atom makes the policy drop it."""
+    """The graph of one crystal, or a rejection message when an isolated atom makes the policy drop it.
+
+    ``use_native=False`` takes pymatgen's search even where the compiled one is available (tests compare them).
+    """
     numbers = np.asarray(numbers)
     num_atoms = len(numbers)
     m = settings.max_num_nbr
     radius = settings.radius
+    lib = native.neighbour_kernels() if use_native else None
     while True:
-        centre, neighbour, image, distance = neighbour_pairs(lattice, frac_coords, numbers, radius)
-        counts = np.bincount(centre, minlength=num_atoms)
+        if lib is not None:
+            lists = _native_lists(
+                lib, np.asarray(lattice).reshape(1, 3, 3), np.array([0, num_atoms]), frac_coords, numbers,
+                np.array([radius]), m, settings.tie_tolerance,
+            )
+            counts = lists[2]
+        else:
+            centre, neighbour, image, distance = neighbour_pairs(lattice, frac_coords, numbers, radius)
+            counts = np.bincount(centre, minlength=num_atoms)
         isolated = np.flatnonzero(counts == 0)
         if len(isolated) == 0 or settings.isolated_atoms == "keep":
             break
@@ -240,6 +305,10 @@ def crystal_graph(
             )
             return f"{len(isolated)} atom(s) without a neighbour within {reach}, e.g. atom {first} (Z={numbers[first]})"
         radius = radius + settings.extend_step
+    if lib is not None:
+        nbr_idx, nbr_dist, nbr_count = lists
+        index_dtype = np.uint8 if num_atoms <= 256 else np.uint16 if num_atoms <= 65536 else np.int32
+        return CrystalGraph(nbr_idx.astype(index_dtype), nbr_dist, nbr_count.astype(np.uint8), radius=radius)
     centre, neighbour, distance = select_neighbours(
         centre, neighbour, image, distance, num_atoms, m, settings.tie_tolerance
     )
@@ -349,10 +418,28 @@ def build_shard(plan_path: str | Path, index: int, table: str | Path | None = No
     extended: list[dict[str, Any]] = []
     rejected: list[dict[str, str]] = []
     atom_ptr, frac, numbers_all = arrays["atom_ptr"], arrays["frac"], arrays["numbers"]
+    lib = native.neighbour_kernels()
+    if lib is not None and stop > start:  # the whole shard in one call; rows with an isolated atom redone below
+        first = atom_ptr[start]
+        try:
+            lists = _native_lists(
+                lib, arrays["lattice"][start:stop], atom_ptr[start : stop + 1], frac[first : atom_ptr[stop]],
+                numbers_all[first : atom_ptr[stop]], np.full(stop - start, settings.radius), settings.max_num_nbr,
+                settings.tie_tolerance,
+            )
+        except NeighbourSearchError as error:
+            row = start + error.crystal
+            raise GraphStageError(f"crystal {arrays['ids'][row]} (row {row} of {table}): {error.what}") from None
     for row in range(start, stop):
         a0, a1 = atom_ptr[row], atom_ptr[row + 1]
         numbers = numbers_all[a0:a1]
-        graph = crystal_graph(arrays["lattice"][row], frac[a0:a1], numbers, settings)
+        if lib is not None and (settings.isolated_atoms == "keep" or lists[2][a0 - first : a1 - first].all()):
+            local = slice(a0 - first, a1 - first)
+            graph = CrystalGraph(
+                lists[0][local].astype(np.uint16), lists[1][local], lists[2][local].astype(np.uint8), settings.radius
+            )
+        else:
+            graph = crystal_graph(arrays["lattice"][row], frac[a0:a1], numbers, settings)
         crystal_id = arrays["ids"][row]
         if isinstance(graph, str):
             rejected.append({"id": crystal_id, "reason": ISOLATED_ATOM, "message": graph})

@@ -1,15 +1,23 @@
-"""Compiled CPU kernels for the gated convolution's edge tensor, built with the machine's C compiler on first use.
+"""Compiled CPU kernels, built with the machine's C compiler on first use and loaded with ``ctypes``.
 
-PyTorch runs CGCNN's edge part (BatchNorm, sigmoid, softplus, product, neighbour sum and their gradients) as one
-pass over the (atoms × 12 × 128) edge tensor per operation, and its CPU ``softplus``, ``exp`` and ``log`` are slow
-on some machines (0.6–1 ns per element on this project's AMD EPYC, against 0.25 for ``sigmoid``). ``gated_kernels.c``
-does those passes in five vectorised loops. It is compiled once per machine, compiler and source (``-O3
--march=native -ffast-math``) into a cache directory and loaded with ``ctypes``; no PyTorch headers, so the build
-takes about half a second.
+Two libraries, each compiled once per machine, compiler and source into a cache directory (no PyTorch headers,
+so a build takes about half a second):
 
-Where no C compiler works (or with ``CRYSTAL_TRANSFER_NATIVE=0``) ``kernels()`` returns None, says why in
-``unavailable_reason()`` and the model keeps its PyTorch path (``model._GatedMessages``): the same numbers to
-float rounding, somewhat slower. The cache directory is ``$CRYSTAL_TRANSFER_CACHE/native``, else
+- ``gated`` (``gated_kernels.c``, :func:`kernels`): the gated convolution's edge part. PyTorch runs CGCNN's
+  BatchNorm, sigmoid, softplus, product, neighbour sum and their gradients as one pass over the (atoms × 12 × 128)
+  edge tensor per operation, and its CPU ``softplus``, ``exp`` and ``log`` are slow on some machines (0.6–1 ns per
+  element on this project's AMD EPYC, against 0.25 for ``sigmoid``); the library does those passes in five
+  vectorised loops (``-O3 -march=native -ffast-math``);
+- ``neighbours`` (``neighbour_kernels.c``, :func:`neighbour_kernels`): periodic neighbour lists with CGCNN's
+  selection rules for the graphs stage (``-O2``, strict IEEE arithmetic: the same lists as the pymatgen path).
+
+Each source is compiled to an object file and linked in a second step without the optimisation flags: gcc before
+13 links ``crtfastmath.o`` into a shared library linked with ``-ffast-math``, and loading that library would switch
+the whole process to flush-to-zero arithmetic (every float32 subnormal in NumPy and PyTorch read as 0).
+
+Where no C compiler works (or with ``CRYSTAL_TRANSFER_NATIVE=0``) a library is None, ``unavailable_reason()`` says
+why, and the callers keep their Python paths (``model._GatedMessages``, pymatgen's neighbour search): the same
+numbers to float rounding, slower. The cache directory is ``$CRYSTAL_TRANSFER_CACHE/native``, else
 ``~/.cache/crystal_transfer/native``; where that cannot be written, the system's temporary directory.
 """
 
@@ -27,25 +35,48 @@ import threading
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-SOURCE = Path(__file__).with_name("gated_kernels.c")
 DISABLE_ENV = "CRYSTAL_TRANSFER_NATIVE"
-_FLAG_SETS = (
-    ["-O3", "-march=native", "-ffast-math", "-fPIC", "-shared"],
-    ["-O3", "-ffast-math", "-fPIC", "-shared"],  # compilers without -march=native (some on arm64)
-)
-_FUNCTIONS = {
-    "ct_gather_add": [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4,
-    "ct_col_stats": [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p],
-    "ct_gated_forward": [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 4,
-    "ct_gated_backward_dy": [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 4,
-    "ct_bn_backward_apply": [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 4,
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+@dataclass(frozen=True)
+class _Library:
+    source: str
+    flag_sets: tuple[tuple[str, ...], ...]  # tried in order; the second without -march=native (some arm64 compilers)
+    functions: dict[str, tuple[list, object]]  # name -> (argtypes, restype)
+
+
+LIBRARIES = {
+    "gated": _Library(
+        "gated_kernels.c",
+        (("-O3", "-march=native", "-ffast-math"), ("-O3", "-ffast-math")),
+        {
+            "ct_gather_add": ([_P] * 4 + [_I] * 4, None),
+            "ct_col_stats": ([_P, _I, _I, _I, _P, _P], None),
+            "ct_gated_forward": ([_P] * 7 + [_I] * 4, None),
+            "ct_gated_backward_dy": ([_P] * 8 + [_I] * 4, None),
+            "ct_bn_backward_apply": ([_P] * 8 + [_I] * 4, None),
+            "ct_gather_add_band": ([_P] * 7 + [_I] * 5 + [ctypes.c_float] * 3, None),
+            "ct_bn_backward_apply_band": ([_P] * 12 + [_I] * 5 + [ctypes.c_float] * 3, None),
+            "ct_gated_forward_inference": ([_P] * 4 + [_I] * 4, None),
+        },
+    ),
+    "neighbours": _Library(
+        "neighbour_kernels.c",
+        (("-O2", "-march=native"), ("-O2",)),
+        {
+            "ct_neighbour_lists": (
+                [_I] + [_P] * 6 + [_I, ctypes.c_double, ctypes.c_double, ctypes.c_double] + [_P] * 4,
+                ctypes.c_int64,
+            ),
+        },
+    ),
 }
 _LOCK = threading.Lock()
-_STATE: dict[str, object] = {}
+_STATE: dict[str, dict[str, object]] = {}
 
 
 def cache_dir() -> Path:
@@ -72,105 +103,135 @@ def _cpu_signature() -> str:
     return f"{platform.machine()} {platform.processor()}"
 
 
-def _build(compiler: str, target_dir: Path) -> Path:
-    """Compile ``SOURCE`` into ``target_dir`` (atomically) unless an identical build is there; the library's path."""
-    source = SOURCE.read_bytes()
+def _build(name: str, compiler: str, target_dir: Path) -> tuple[Path, bool]:
+    """Compile library ``name`` into ``target_dir`` (atomically) unless an identical build is there.
+
+    Returns the library's path and whether it was built now.
+    """
+    spec = LIBRARIES[name]
+    source_path = Path(__file__).with_name(spec.source)
+    source = source_path.read_bytes()
+    stem = source_path.stem
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as error:
         raise RuntimeError(f"C compiler {compiler!r} does not run: {error}") from error
     errors = []
-    for flags in _FLAG_SETS:
+    for flags in spec.flag_sets:
         key = hashlib.sha256(
             b"\0".join(x.encode() if isinstance(x, str) else x for x in (source, compiler, version, " ".join(flags),
-                                                                          _cpu_signature(), sys.platform))
+                                                                          "link-separately", _cpu_signature(),
+                                                                          sys.platform))
         ).hexdigest()[:20]
-        library = target_dir / f"gated_kernels-{key}.so"
+        library = target_dir / f"{stem}-{key}.so"
         if library.exists():
-            _STATE["built"] = False
-            return library
+            return library, False
         target_dir.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=target_dir, prefix=".gated_kernels-", suffix=".so")
+        fd, temp = tempfile.mkstemp(dir=target_dir, prefix=f".{stem}-", suffix=".so")
         os.close(fd)
+        obj = temp[: -len(".so")] + ".o"
         try:
-            done = subprocess.run(
-                [compiler, *flags, str(SOURCE), "-o", temp, "-lm"], capture_output=True, text=True, timeout=120
+            # compile, then link without the optimisation flags (no crtfastmath.o: see the module's docstring)
+            steps = (
+                [compiler, *flags, "-fPIC", "-c", str(source_path), "-o", obj],
+                [compiler, "-shared", obj, "-o", temp, "-lm"],
             )
-            if done.returncode == 0:
+            for step in steps:
+                done = subprocess.run(step, capture_output=True, text=True, timeout=120)
+                if done.returncode != 0:
+                    errors.append(f"{' '.join(flags)}: {done.stderr.strip()[-400:]}")
+                    break
+            else:
                 os.replace(temp, library)
-                _STATE["built"] = True
-                return library
-            errors.append(f"{' '.join(flags)}: {done.stderr.strip()[-400:]}")
+                return library, True
         except (OSError, subprocess.SubprocessError) as error:
             errors.append(f"{' '.join(flags)}: {error}")
         finally:
             Path(temp).unlink(missing_ok=True)
-    raise RuntimeError(f"{compiler} could not compile {SOURCE.name}: " + " | ".join(errors))
+            Path(obj).unlink(missing_ok=True)
+    raise RuntimeError(f"{compiler} could not compile {spec.source}: " + " | ".join(errors))
 
 
-def _load() -> ctypes.CDLL:
-    """Build (or find) and load the library; raises RuntimeError saying what failed."""
+def _load(name: str) -> ctypes.CDLL:
+    """Build (or find) and load library ``name``; raises RuntimeError saying what failed."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
     try:
-        library = _build(compiler, cache_dir())
+        library, built = _build(name, compiler, cache_dir())
     except OSError:  # cache not writable (read-only home, quota): a per-user temporary directory
         user = getattr(os, "getuid", lambda: 0)()
-        library = _build(compiler, Path(tempfile.gettempdir()) / f"crystal_transfer-{user}" / "native")
+        library, built = _build(name, compiler, Path(tempfile.gettempdir()) / f"crystal_transfer-{user}" / "native")
     lib = ctypes.CDLL(str(library))
-    _STATE["path"] = library
-    for name, argtypes in _FUNCTIONS.items():
-        function = getattr(lib, name)
+    _STATE[name].update(path=library, built=built)
+    for function_name, (argtypes, restype) in LIBRARIES[name].functions.items():
+        function = getattr(lib, function_name)
         function.argtypes = argtypes
-        function.restype = None
+        function.restype = restype
     return lib
 
 
-def kernels() -> ctypes.CDLL | None:
-    """The loaded kernels, or None where they cannot be built (the reason: ``unavailable_reason()``).
+_FALLBACK = {
+    "gated": "compiled CGCNN kernels unavailable ({reason}); using the PyTorch path, same results, slower",
+    "neighbours": "compiled neighbour search unavailable ({reason}); using pymatgen's, same graphs, slower",
+}
+
+
+def library(name: str) -> ctypes.CDLL | None:
+    """Library ``name`` of ``LIBRARIES`` loaded, or None where it cannot be built (why: ``unavailable_reason``).
 
     Built and loaded once per process; a failure warns once and is not retried.
     """
-    if "lib" in _STATE:
-        return _STATE["lib"]  # type: ignore[return-value]
+    state = _STATE.get(name)
+    if state is not None and "lib" in state:
+        return state["lib"]  # type: ignore[return-value]
     with _LOCK:
-        if "lib" not in _STATE:
+        state = _STATE.setdefault(name, {})
+        if "lib" not in state:
             lib, reason = None, None
             if os.environ.get(DISABLE_ENV, "1") == "0":
                 reason = f"{DISABLE_ENV}=0"
             else:
                 try:
-                    lib = _load()
+                    lib = _load(name)
                 except (RuntimeError, OSError, AttributeError) as error:
                     reason = str(error)
-                    warnings.warn(
-                        f"compiled CGCNN kernels unavailable ({reason}); using the PyTorch path, same results, slower",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-            _STATE["reason"] = reason
-            _STATE["lib"] = lib
-    return _STATE["lib"]  # type: ignore[return-value]
+                    warnings.warn(_FALLBACK[name].format(reason=reason), RuntimeWarning, stacklevel=3)
+            state["reason"] = reason
+            state["lib"] = lib
+    return state["lib"]  # type: ignore[return-value]
 
 
-def unavailable_reason() -> str | None:
-    """Why ``kernels()`` returned None (None when they are loaded or not yet tried)."""
-    return _STATE.get("reason")  # type: ignore[return-value]
+def kernels() -> ctypes.CDLL | None:
+    """The gated convolution's kernels (``gated_kernels.c``), or None where they cannot be built."""
+    return library("gated")
 
 
-def describe() -> str:
-    """One line on the kernels' state: built now or taken from the cache (and where), or why unavailable."""
-    if "lib" not in _STATE:
-        return "compiled kernels: not loaded yet"
-    if _STATE["lib"] is None:
-        return f"compiled kernels: unavailable ({_STATE['reason']}); PyTorch path"
-    how = "built now" if _STATE.get("built") else "loaded from the cache"
-    return f"compiled kernels: {how}, {_STATE['path']}"
+def neighbour_kernels() -> ctypes.CDLL | None:
+    """The neighbour search (``neighbour_kernels.c``), or None where it cannot be built."""
+    return library("neighbours")
+
+
+def unavailable_reason(name: str = "gated") -> str | None:
+    """Why library ``name`` is None (None when it is loaded or not yet tried)."""
+    return _STATE.get(name, {}).get("reason")  # type: ignore[return-value]
+
+
+def describe(name: str = "gated") -> str:
+    """One line on library ``name``: built now or taken from the cache (and where), or why unavailable."""
+    state = _STATE.get(name, {})
+    label = {"gated": "compiled kernels", "neighbours": "compiled neighbour search"}[name]
+    if "lib" not in state:
+        return f"{label}: not loaded yet"
+    if state["lib"] is None:
+        fallback = "PyTorch path" if name == "gated" else "pymatgen's search"
+        return f"{label}: unavailable ({state['reason']}); {fallback}"
+    how = "built now" if state.get("built") else "loaded from the cache"
+    return f"{label}: {how}, {state['path']}"
 
 
 def reset() -> None:
-    """Forget the loaded kernels and the failure reason (tests; a changed ``CC`` or cache directory)."""
+    """Forget the loaded libraries and failure reasons (tests; a changed ``CC`` or cache directory)."""
     with _LOCK:
         _STATE.clear()
 
@@ -180,6 +241,8 @@ _POOL: list[ThreadPoolExecutor] = []  # at most one, with as many workers as the
 
 def chunk_count(n: int) -> int:
     """How many pieces ``run_chunked`` splits ``n`` items into: torch's thread count, at least 256 items each."""
+    import torch  # imported here: the graphs stage loads this module without needing torch
+
     return max(1, min(torch.get_num_threads(), n // 256))
 
 
