@@ -20,6 +20,7 @@ import shutil
 import tarfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -538,9 +539,12 @@ def _native_or_skip():
 
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("training", [True, False])
-def test_native_gated_messages_equal_torch_path(fast_graphs: list[Graph], training: bool, threads: int) -> None:
+@pytest.mark.parametrize("banded", [False, True], ids=["dense-edges", "banded-edges"])
+def test_native_gated_messages_equal_torch_path(fast_graphs: list[Graph], training: bool, threads: int,
+                                                banded: bool) -> None:
     """The compiled kernels give the PyTorch fused path's outputs, gradients and running statistics (float32),
-    also when the atoms are split among threads."""
+    also when the atoms are split among threads, with the edge matmul dense or by bands of non-zero Gaussians;
+    without gradients (the inference loop) the same outputs."""
     _native_or_skip()
     torch.manual_seed(5)
     batch = make_batch(fast_graphs[:120])
@@ -558,7 +562,13 @@ def test_native_gated_messages_equal_torch_path(fast_graphs: list[Graph], traini
         for module in (layer, reference):
             module.train(training)
             inputs = atoms.clone().requires_grad_()
-            messages = module._fused_messages(inputs, batch.nbr_idx, edge_fea)
+            band = (batch.nbr_dist, 0.0, 0.2, math.sqrt(87.0) * 0.2 + 1e-3) if banded else None
+            if not training:
+                with torch.no_grad():
+                    without_grad = module._fused_messages(inputs, batch.nbr_idx, edge_fea, band)
+            messages = module._fused_messages(inputs, batch.nbr_idx, edge_fea, band)
+            if not training:
+                assert torch.allclose(without_grad, messages, rtol=1e-6, atol=1e-6)
             (messages * weights).sum().backward()
             grads = {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
             results.append((messages, inputs.grad, grads, module.bn1.running_mean, module.bn1.running_var))
@@ -599,7 +609,9 @@ def test_native_kernels_accurate_over_the_whole_float_range() -> None:
     edge_fea = x  # z = 0 + 0 + x · I
     ident = torch.eye(2 * half)
     ones = torch.ones(2 * half)
-    out = _GatedMessagesNative.apply(self_part, nbr_part, edge_fea, ident, ones, torch.zeros(2 * half), nbr_idx, state)
+    dense_edges_with_backward = (None, True)
+    out = _GatedMessagesNative.apply(self_part, nbr_part, edge_fea, ident, ones, torch.zeros(2 * half), nbr_idx, state,
+                                     dense_edges_with_backward)
     out.sum().backward()
     x64 = x.double()
     messages = torch.sigmoid(x64[:, :half]) * torch.nn.functional.softplus(x64[:, half:])
@@ -657,6 +669,20 @@ def test_native_kernels_fall_back_when_no_compiler(tmp_path: Path, monkeypatch: 
         assert not (tmp_path / "cache" / "native").exists() or not any((tmp_path / "cache" / "native").iterdir())
     finally:
         native.reset()
+
+
+def test_loading_the_compiled_libraries_keeps_subnormal_numbers() -> None:
+    """Loading the kernels leaves the process's floating-point mode alone: a library linked with -ffast-math by
+    gcc < 13 would switch every thread to flush-to-zero, and NumPy and PyTorch would read subnormals as 0."""
+    from crystal_transfer import native
+
+    _native_or_skip()
+    native.neighbour_kernels()
+    tiny = np.float32(1e-39)  # subnormal in float32
+    assert tiny * np.float32(1.0) != 0
+    assert (torch.tensor([1e-39]) * 1.0).item() != 0
+    with ThreadPoolExecutor(1) as pool:  # threads started afterwards too
+        assert pool.submit(lambda: (torch.tensor([1e-39]) * 1.0).item()).result() != 0
 
 
 def test_native_kernels_build_once_per_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

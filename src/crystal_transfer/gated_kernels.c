@@ -70,16 +70,16 @@ void ct_col_stats(const float *restrict z, int64_t r0, int64_t r1, int64_t width
 /* x = z * scale + shift; gate = sigmoid(x_f), slope = sigmoid(x_c), sp = sigmoid(-x_f) * softplus(x_c) (what the
    filter half's gradient needs);
    out[n, :] = sum_m sigmoid(x_f) * softplus(x_c), for atoms [n0, n1) */
-void ct_gated_forward(const float *restrict z, const float *restrict scale, const float *restrict shift,
-                      float *restrict gate, float *restrict slope, float *restrict sp, float *restrict out,
-                      int64_t n0, int64_t n1, int64_t n_slots, int64_t h) {
+static inline void gated_forward(const float *restrict z, const float *restrict scale,
+                                 const float *restrict shift, float *restrict gate, float *restrict slope,
+                                 float *restrict sp, float *restrict out, int64_t n0, int64_t n1, int64_t n_slots,
+                                 int64_t h, int keep) {
   for (int64_t n = n0; n < n1; n++) {
     float *o = out + n * h;
     for (int64_t k = 0; k < h; k++) o[k] = 0.0f;
     for (int64_t m = 0; m < n_slots; m++) {
       int64_t e = n * n_slots + m;
       const float *row = z + e * 2 * h;
-      float *g = gate + e * h, *s = slope + e * h, *p = sp + e * h;
       for (int64_t k = 0; k < h; k++) {
         float f = row[k] * scale[k] + shift[k];
         float c = row[h + k] * scale[h + k] + shift[h + k];
@@ -90,14 +90,29 @@ void ct_gated_forward(const float *restrict z, const float *restrict scale, cons
         float r = 1.0f / (af * ac * bc);
         float rf = r * ac * bc;
         float sf = (f >= 0.0f ? 1.0f : ef) * rf;
-        float nf = (f >= 0.0f ? ef : 1.0f) * rf; /* 1 - sigmoid(f), without the cancellation near 1 */
-        float sc = (c >= 0.0f ? 1.0f : ec) * (r * af * bc);
         float softc = fmaxf(c, 0.0f) + log1p_series(ec * (r * af * ac));
-        g[k] = sf; s[k] = sc; p[k] = nf * softc;
+        if (keep) { /* a constant in each caller: the branch is compiled away */
+          float nf = (f >= 0.0f ? ef : 1.0f) * rf; /* 1 - sigmoid(f), without the cancellation near 1 */
+          gate[e * h + k] = sf;
+          slope[e * h + k] = (c >= 0.0f ? 1.0f : ec) * (r * af * bc);
+          sp[e * h + k] = nf * softc;
+        }
         o[k] += sf * softc;
       }
     }
   }
+}
+
+void ct_gated_forward(const float *restrict z, const float *restrict scale, const float *restrict shift,
+                      float *restrict gate, float *restrict slope, float *restrict sp, float *restrict out,
+                      int64_t n0, int64_t n1, int64_t n_slots, int64_t h) {
+  gated_forward(z, scale, shift, gate, slope, sp, out, n0, n1, n_slots, h, 1);
+}
+
+/* ct_gated_forward without what only the backward needs (gradient disabled): out only */
+void ct_gated_forward_inference(const float *restrict z, const float *restrict scale, const float *restrict shift,
+                                float *restrict out, int64_t n0, int64_t n1, int64_t n_slots, int64_t h) {
+  gated_forward(z, scale, shift, NULL, NULL, NULL, out, n0, n1, n_slots, h, 0);
 }
 
 /* dy (the gradient w.r.t. x = BN output) into dz for atoms [n0, n1), with per-channel sums of dy and dy * z:
@@ -125,17 +140,69 @@ void ct_gated_backward_dy(const float *restrict grad, const float *restrict gate
   }
 }
 
-/* dz = dz * a + z * b + c in place for atoms [n0, n1); d_self[n, :] = sum_m dz[n, m, :] and, when d_nbr is not
-   NULL, d_nbr[idx[e], :] += dz[e, :] (d_nbr zeroed by the caller; one buffer per range of atoms) */
-void ct_bn_backward_apply(float *restrict dz, const float *restrict z, const float *restrict a,
-                          const float *restrict b, const float *restrict c, const int64_t *restrict idx,
-                          float *restrict d_self, float *restrict d_nbr, int64_t n0, int64_t n1, int64_t n_slots,
-                          int64_t width) {
+/* ---- the edge matmul by bands ----------------------------------------------------------------------------------
+   The edge features u_e[k] = exp(-(d_e - mu_k)^2 / width^2) are exactly zero (model.gaussian_expand) where the
+   exponent exceeds 87, i.e. outside a band of about 19 of CGCNN's 41 centres around d_e: only the band's
+   columns of W_e contribute. band() gives the band [lo, hi] of centres mu_k = dmin + k * step within `reach`
+   (sqrt(87) * width plus a margin) of d; the entries read are those of u itself, so the result is the dense
+   product's up to the order of the sums. wt is W_e transposed, (G, width) row-major. */
+static inline void band(float d, int64_t g, float dmin, float step, float reach, int64_t *lo, int64_t *hi) {
+  float first = ceilf((d - reach - dmin) / step), last = floorf((d + reach - dmin) / step);
+  *lo = first < 0.0f ? 0 : (int64_t)first;
+  *hi = last > (float)(g - 1) ? g - 1 : (int64_t)last;
+}
+
+/* z[e, :] = nbr[idx[e], :] + self[e / n_slots, :] + sum_{k in band(d_e)} u[e, k] * wt[k, :] for atoms [n0, n1) */
+static inline void gather_add_band(const float *restrict nbr, const float *restrict self_part,
+                                   const int64_t *restrict idx, const float *restrict u, const float *restrict dist,
+                                   const float *restrict wt, float *restrict z, int64_t n0, int64_t n1,
+                                   int64_t n_slots, int64_t width, int64_t g, float dmin, float step, float reach) {
+  for (int64_t n = n0; n < n1; n++) {
+    const float *s = self_part + n * width;
+    for (int64_t m = 0; m < n_slots; m++) {
+      int64_t e = n * n_slots + m, lo, hi;
+      const float *src = nbr + idx[e] * width;
+      float *dst = z + e * width;
+      for (int64_t k = 0; k < width; k++) dst[k] = src[k] + s[k];
+      band(dist[e], g, dmin, step, reach, &lo, &hi);
+      const float *ue = u + e * g;
+      for (int64_t j = lo; j <= hi; j++) {
+        float uj = ue[j];
+        const float *w = wt + j * width;
+        for (int64_t k = 0; k < width; k++) dst[k] += uj * w[k];
+      }
+    }
+  }
+}
+
+void ct_gather_add_band(const float *restrict nbr, const float *restrict self_part, const int64_t *restrict idx,
+                        const float *restrict u, const float *restrict dist, const float *restrict wt,
+                        float *restrict z, int64_t n0, int64_t n1, int64_t n_slots, int64_t width, int64_t g,
+                        float dmin, float step, float reach) {
+  if (width == 128) /* CGCNN's 2 x 64 channels: a constant row length the compiler unrolls into registers */
+    gather_add_band(nbr, self_part, idx, u, dist, wt, z, n0, n1, n_slots, 128, g, dmin, step, reach);
+  else
+    gather_add_band(nbr, self_part, idx, u, dist, wt, z, n0, n1, n_slots, width, g, dmin, step, reach);
+}
+
+/* ct_bn_backward_apply, and the gradient of W_e (transposed, (G, width)) by bands in the same pass:
+   dwt[k, :] = sum_e u[e, k] * dz[e, :] over the edges of atoms [n0, n1), in float32 over blocks of 32 atoms
+   and in float64 across blocks (dwt: this range's own (G, width) float64 buffer, zeroed by the caller);
+   block: scratch of G * width floats */
+static inline void bn_backward_apply_band(float *restrict dz, const float *restrict z, const float *restrict a,
+                                          const float *restrict b, const float *restrict c,
+                                          const int64_t *restrict idx, float *restrict d_self,
+                                          float *restrict d_nbr, const float *restrict u,
+                                          const float *restrict dist, double *restrict dwt, float *restrict block,
+                                          int64_t n0, int64_t n1, int64_t n_slots, int64_t width, int64_t g,
+                                          float dmin, float step, float reach) {
+  if (dwt)
+    for (int64_t k = 0; k < g * width; k++) block[k] = 0.0f;
   for (int64_t n = n0; n < n1; n++) {
     float *ds = d_self + n * width;
     for (int64_t k = 0; k < width; k++) ds[k] = 0.0f;
     for (int64_t m = 0; m < n_slots; m++) {
-      int64_t e = n * n_slots + m;
+      int64_t e = n * n_slots + m, lo, hi;
       float *d = dz + e * width;
       const float *row = z + e * width;
       if (d_nbr) {
@@ -150,6 +217,42 @@ void ct_bn_backward_apply(float *restrict dz, const float *restrict z, const flo
           d[k] = v; ds[k] += v;
         }
       }
+      if (dwt) {
+        band(dist[e], g, dmin, step, reach, &lo, &hi);
+        const float *ue = u + e * g;
+        for (int64_t j = lo; j <= hi; j++) {
+          float uj = ue[j];
+          float *w = block + j * width;
+          for (int64_t k = 0; k < width; k++) w[k] += uj * d[k];
+        }
+      }
+    }
+    if (dwt && ((n - n0) % 32 == 31 || n == n1 - 1)) {
+      for (int64_t k = 0; k < g * width; k++) { dwt[k] += block[k]; block[k] = 0.0f; }
     }
   }
+}
+
+void ct_bn_backward_apply_band(float *restrict dz, const float *restrict z, const float *restrict a,
+                               const float *restrict b, const float *restrict c, const int64_t *restrict idx,
+                               float *restrict d_self, float *restrict d_nbr, const float *restrict u,
+                               const float *restrict dist, double *restrict dwt, float *restrict block,
+                               int64_t n0, int64_t n1, int64_t n_slots, int64_t width, int64_t g, float dmin,
+                               float step, float reach) {
+  if (width == 128)
+    bn_backward_apply_band(dz, z, a, b, c, idx, d_self, d_nbr, u, dist, dwt, block, n0, n1, n_slots, 128, g, dmin,
+                           step, reach);
+  else
+    bn_backward_apply_band(dz, z, a, b, c, idx, d_self, d_nbr, u, dist, dwt, block, n0, n1, n_slots, width, g,
+                           dmin, step, reach);
+}
+
+/* dz = dz * a + z * b + c in place for atoms [n0, n1); d_self[n, :] = sum_m dz[n, m, :] and, when d_nbr is not
+   NULL, d_nbr[idx[e], :] += dz[e, :] (d_nbr zeroed by the caller; one buffer per range of atoms) */
+void ct_bn_backward_apply(float *restrict dz, const float *restrict z, const float *restrict a,
+                          const float *restrict b, const float *restrict c, const int64_t *restrict idx,
+                          float *restrict d_self, float *restrict d_nbr, int64_t n0, int64_t n1, int64_t n_slots,
+                          int64_t width) {
+  ct_bn_backward_apply_band(dz, z, a, b, c, idx, d_self, d_nbr, NULL, NULL, NULL, NULL, n0, n1, n_slots, width, 0,
+                            0.0f, 1.0f, 0.0f);
 }
