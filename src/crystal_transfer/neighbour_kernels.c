@@ -8,11 +8,14 @@
  * shell; a shell is ordered by (j, image); the first M are the atom's neighbours. Images are counted from the
  * wrapped coordinates f - floor(f): that shifts every image of one j by the same vector and keeps their order.
  *
- * Per candidate pair the image range along axis k is exact: the k-th fractional component of a Cartesian
- * vector of length <= r is at most r |column k of L^-1| in magnitude.
+ * The search runs image by image: for atom i and lattice translation T (|n_k| <= r |column k of L^-1| + 1, which
+ * covers every image of wrapped coordinates), the squared distances to all j in one vectorisable loop, then the
+ * j within the cut-off without a branch. A translation is skipped when the cell's centre C satisfies
+ * |C + T - X_i| >= r + rho, rho the largest distance of an atom from C.
  *
- * No -ffast-math assumption is relied on for correctness: distances may differ from pymatgen's in the last
- * bits (another summation order), which the float32 output and the 1e-6 A tie tolerance absorb.
+ * Compiled with -O2 and without -ffast-math: IEEE arithmetic. Distances may differ from pymatgen's in the last
+ * bits (another summation order), which the float32 output and the 1e-6 A tie tolerance absorb; the tests
+ * compare the two on real crystals.
  */
 #include <math.h>
 #include <stdint.h>
@@ -86,18 +89,6 @@ static double kth_smallest(double *v, int64_t n, int64_t k) {
     return v[k];
 }
 
-/* The integers n in [lo, hi] with a t^2 + 2 half_b t + c < 0 for t = offset + n (a > 0), widened by a hair
- * against rounding (the caller's exact distance test decides); returns 0 when there are none. */
-static int image_range(double half_b, double a, double inv_a, double c, double offset, double lo, double hi,
-                       double *first, double *last) {
-    double disc = half_b * half_b - a * c;
-    if (disc < 0) return 0;
-    double root = sqrt(disc);
-    *first = fmax(lo, ceil((-half_b - root) * inv_a - offset - 1e-9));
-    *last = fmin(hi, floor((-half_b + root) * inv_a - offset + 1e-9));
-    return 1;
-}
-
 /* 3x3 inverse of row-major m into inv; returns 0 when singular */
 static int invert3(const double *m, double *inv) {
     double c00 = m[4] * m[8] - m[5] * m[7], c01 = m[5] * m[6] - m[3] * m[8], c02 = m[3] * m[7] - m[4] * m[6];
@@ -116,7 +107,7 @@ static int invert3(const double *m, double *inv) {
 }
 
 /* One crystal of `na` atoms. Outputs: idx (na*M, int64) and dist (na*M, float32) filled with the neighbours
- * and padded with (0, pad_dist); count (na): real neighbours per atom. *buf/*cap is a reusable candidate buffer.
+ * and padded with (0, pad_dist); count (na): real neighbours per atom. buf, cap: a reusable candidate buffer.
  * Returns 0, -1 when memory runs out, -2 for a singular lattice, -3 for non-finite coordinates. */
 static int crystal(int64_t na, const double *lat, const double *frac, const int64_t *numbers, double radius,
                    int64_t M, double tol2, double tie_tol, double margin, float pad_dist, int64_t *idx, float *dist,
@@ -125,75 +116,78 @@ static int crystal(int64_t na, const double *lat, const double *frac, const int6
     if (!invert3(lat, inv)) return -2;
     double cut2 = radius * radius + tol2;
     double reach = sqrt(cut2) * (1.0 + 1e-12) + 1e-12;
-    double R[3];
-    double cc = lat[6] * lat[6] + lat[7] * lat[7] + lat[8] * lat[8], inv_cc = 1.0 / cc;
-    /* a and b without their components along c: a' = a - (a.c/c.c) c; the Gram entries of a', b' */
-    double ac = lat[0] * lat[6] + lat[1] * lat[7] + lat[2] * lat[8];
-    double bc = lat[3] * lat[6] + lat[4] * lat[7] + lat[5] * lat[8];
-    double aa = lat[0] * lat[0] + lat[1] * lat[1] + lat[2] * lat[2];
-    double bb = lat[3] * lat[3] + lat[4] * lat[4] + lat[5] * lat[5];
-    double ab = lat[0] * lat[3] + lat[1] * lat[4] + lat[2] * lat[5];
-    double aa_p = aa - ac * ac * inv_cc, bb_p = bb - bc * bc * inv_cc, ab_p = ab - ac * bc * inv_cc;
-    double inv_bb_p = 1.0 / bb_p;
-    for (int k = 0; k < 3; k++) R[k] = reach * sqrt(inv[k] * inv[k] + inv[3 + k] * inv[3 + k] + inv[6 + k] * inv[6 + k]);
-    double *w = malloc((size_t)(na > 0 ? na : 1) * 3 * sizeof(double));
-    if (!w) return -1;
+    /* wrapped Cartesian positions X_j = (f_j - floor(f_j)) L, by coordinate (a vectorisable inner loop), and d2 */
+    double *x = malloc((size_t)(na > 0 ? na : 1) * 5 * sizeof(double));
+    if (!x) return -1;
+    double *y = x + na, *z = y + na, *d2 = z + na;
+    int64_t *near = (int64_t *)(d2 + na); /* the j within the cut-off of one image */
     for (int64_t a = 0; a < na * 3; a++) {
         if (!isfinite(frac[a])) {
-            free(w);
+            free(x);
             return -3;
         }
-        w[a] = frac[a] - floor(frac[a]);
     }
+    for (int64_t a = 0; a < na; a++) {
+        double w0 = frac[3 * a] - floor(frac[3 * a]), w1 = frac[3 * a + 1] - floor(frac[3 * a + 1]);
+        double w2 = frac[3 * a + 2] - floor(frac[3 * a + 2]);
+        x[a] = w0 * lat[0] + w1 * lat[3] + w2 * lat[6];
+        y[a] = w0 * lat[1] + w1 * lat[4] + w2 * lat[7];
+        z[a] = w0 * lat[2] + w1 * lat[5] + w2 * lat[8];
+    }
+    /* the atoms lie within rho of the cell's centre C: an image T can hold a neighbour of atom i only if
+     * |C + T - X_i| < reach + rho */
+    double cx = 0.5 * (lat[0] + lat[3] + lat[6]), cy = 0.5 * (lat[1] + lat[4] + lat[7]);
+    double cz = 0.5 * (lat[2] + lat[5] + lat[8]), rho = 0.0;
+    for (int64_t a = 0; a < na; a++) {
+        double r2 = (x[a] - cx) * (x[a] - cx) + (y[a] - cy) * (y[a] - cy) + (z[a] - cz) * (z[a] - cz);
+        if (r2 > rho) rho = r2;
+    }
+    rho = sqrt(rho) * (1.0 + 1e-12) + 1e-9;
+    double far2 = (reach + rho) * (reach + rho);
+    /* images n with |n_k| <= R_k + 1: the k-th fractional component of a vector of length <= reach is at most
+     * reach |column k of L^-1|, and wrapped coordinates differ by less than 1 */
+    int64_t N[3];
+    for (int k = 0; k < 3; k++)
+        N[k] = (int64_t)ceil(reach * sqrt(inv[k] * inv[k] + inv[3 + k] * inv[3 + k] + inv[6 + k] * inv[6 + k])) + 1;
     for (int64_t i = 0; i < na; i++) {
         int64_t nc = 0;
-        for (int64_t j = 0; j < na; j++) {
-            double d[3], lo[3], hi[3];
-            for (int k = 0; k < 3; k++) {
-                d[k] = w[j * 3 + k] - w[i * 3 + k];
-                lo[k] = ceil(-R[k] - d[k]);
-                hi[k] = floor(R[k] - d[k]);
-            }
-            for (double n0 = lo[0]; n0 <= hi[0]; n0 += 1.0) {
-                double u0 = d[0] + n0;
-                double x0 = u0 * lat[0], y0 = u0 * lat[1], z0 = u0 * lat[2];
-                /* the lines p + t c that pass within the cut-off: |u0 a' + u1 b'|^2 < cut2 with a', b' the parts
-                 * of a, b perpendicular to c, a quadratic in u1 (ranges widened by a hair against rounding; the
-                 * exact test below decides) */
-                double n1_first, n1_last;
-                if (!image_range(u0 * ab_p, bb_p, inv_bb_p, u0 * u0 * aa_p - cut2, d[1], lo[1], hi[1], &n1_first,
-                                 &n1_last))
-                    continue;
-                for (double n1 = n1_first; n1 <= n1_last; n1 += 1.0) {
-                    double u1 = d[1] + n1;
-                    double px = x0 + u1 * lat[3], py = y0 + u1 * lat[4], pz = z0 + u1 * lat[5];
-                    /* |p + u2 c|^2 < cut2, a quadratic in u2 */
-                    double pc = px * lat[6] + py * lat[7] + pz * lat[8], first, last;
-                    if (!image_range(pc, cc, inv_cc, px * px + py * py + pz * pz - cut2, d[2], lo[2], hi[2], &first,
-                                     &last))
-                        continue;
-                    for (double n2 = first; n2 <= last; n2 += 1.0) {
-                        double u2 = d[2] + n2;
-                        double x = px + u2 * lat[6], y = py + u2 * lat[7], z = pz + u2 * lat[8];
-                        double d2 = x * x + y * y + z * z;
-                        if (!(d2 < cut2)) continue;
-                        if (d2 <= 1e-16 && numbers[i] == numbers[j]) continue; /* the atom itself */
+        for (int64_t n0 = -N[0]; n0 <= N[0]; n0++) {
+            for (int64_t n1 = -N[1]; n1 <= N[1]; n1++) {
+                for (int64_t n2 = -N[2]; n2 <= N[2]; n2++) {
+                    /* the image's offset from atom i: T - X_i */
+                    double ox = n0 * lat[0] + n1 * lat[3] + n2 * lat[6] - x[i];
+                    double oy = n0 * lat[1] + n1 * lat[4] + n2 * lat[7] - y[i];
+                    double oz = n0 * lat[2] + n1 * lat[5] + n2 * lat[8] - z[i];
+                    double gx = cx + ox, gy = cy + oy, gz = cz + oz;
+                    if (gx * gx + gy * gy + gz * gz >= far2) continue;
+                    for (int64_t j = 0; j < na; j++) {
+                        double dx = x[j] + ox, dy = y[j] + oy, dz = z[j] + oz;
+                        d2[j] = dx * dx + dy * dy + dz * dz;
+                    }
+                    int64_t found = 0;
+                    for (int64_t j = 0; j < na; j++) { /* without a branch: most j of an image are too far */
+                        near[found] = j;
+                        found += d2[j] < cut2;
+                    }
+                    for (int64_t t = 0; t < found; t++) {
+                        int64_t j = near[t];
+                        if (d2[j] <= 1e-16 && numbers[i] == numbers[j]) continue; /* the atom itself */
                         if (nc == *cap) {
                             int64_t grown = *cap ? 2 * *cap : 256;
                             ct_candidate *more = realloc(*buf, (size_t)grown * sizeof(ct_candidate));
                             if (!more) {
-                                free(w);
+                                free(x);
                                 return -1;
                             }
                             *buf = more;
                             *cap = grown;
                         }
                         ct_candidate *c = *buf + nc++;
-                        c->d2 = d2;
+                        c->d2 = d2[j];
                         c->j = j;
-                        c->n[0] = (int64_t)n0;
-                        c->n[1] = (int64_t)n1;
-                        c->n[2] = (int64_t)n2;
+                        c->n[0] = n0;
+                        c->n[1] = n1;
+                        c->n[2] = n2;
                     }
                 }
             }
@@ -203,7 +197,7 @@ static int crystal(int64_t na, const double *lat, const double *frac, const int6
             if (nc > *dcap) {
                 double *more = realloc(*dbuf, (size_t)nc * sizeof(double));
                 if (!more) {
-                    free(w);
+                    free(x);
                     return -1;
                 }
                 *dbuf = more;
@@ -242,7 +236,7 @@ static int crystal(int64_t na, const double *lat, const double *frac, const int6
             dist[i * M + s] = s < take ? (float)sqrt(c[s].d2) : pad_dist;
         }
     }
-    free(w);
+    free(x);
     return 0;
 }
 
