@@ -152,11 +152,15 @@ static inline void band(float d, int64_t g, float dmin, float step, float reach,
   *hi = last > (float)(g - 1) ? g - 1 : (int64_t)last;
 }
 
-/* z[e, :] = nbr[idx[e], :] + self[e / n_slots, :] + sum_{k in band(d_e)} u[e, k] * wt[k, :] for atoms [n0, n1) */
+/* z[e, :] = nbr[idx[e], :] + self[e / n_slots, :] + sum_{k in band(d_e)} u[e, k] * wt[k, :] for atoms [n0, n1);
+   with `stats`, also the per-channel sum and sum of squares of these rows in double (ct_col_stats, fused) */
 static inline void gather_add_band(const float *restrict nbr, const float *restrict self_part,
                                    const int64_t *restrict idx, const float *restrict u, const float *restrict dist,
-                                   const float *restrict wt, float *restrict z, int64_t n0, int64_t n1,
-                                   int64_t n_slots, int64_t width, int64_t g, float dmin, float step, float reach) {
+                                   const float *restrict wt, float *restrict z, double *restrict sum,
+                                   double *restrict sumsq, int64_t n0, int64_t n1, int64_t n_slots, int64_t width,
+                                   int64_t g, float dmin, float step, float reach, int stats) {
+  if (stats)
+    for (int64_t k = 0; k < width; k++) { sum[k] = 0.0; sumsq[k] = 0.0; }
   for (int64_t n = n0; n < n1; n++) {
     const float *s = self_part + n * width;
     for (int64_t m = 0; m < n_slots; m++) {
@@ -171,18 +175,24 @@ static inline void gather_add_band(const float *restrict nbr, const float *restr
         const float *w = wt + j * width;
         for (int64_t k = 0; k < width; k++) dst[k] += uj * w[k];
       }
+      if (stats) /* a constant in each caller: compiled away where 0 */
+        for (int64_t k = 0; k < width; k++) { double v = dst[k]; sum[k] += v; sumsq[k] += v * v; }
     }
   }
 }
 
 void ct_gather_add_band(const float *restrict nbr, const float *restrict self_part, const int64_t *restrict idx,
                         const float *restrict u, const float *restrict dist, const float *restrict wt,
-                        float *restrict z, int64_t n0, int64_t n1, int64_t n_slots, int64_t width, int64_t g,
-                        float dmin, float step, float reach) {
-  if (width == 128) /* CGCNN's 2 x 64 channels: a constant row length the compiler unrolls into registers */
-    gather_add_band(nbr, self_part, idx, u, dist, wt, z, n0, n1, n_slots, 128, g, dmin, step, reach);
+                        float *restrict z, double *restrict sum, double *restrict sumsq, int64_t n0, int64_t n1,
+                        int64_t n_slots, int64_t width, int64_t g, float dmin, float step, float reach) {
+  /* CGCNN's 2 x 64 channels: a constant row length the compiler unrolls into registers */
+  if (width == 128 && sum)
+    gather_add_band(nbr, self_part, idx, u, dist, wt, z, sum, sumsq, n0, n1, n_slots, 128, g, dmin, step, reach, 1);
+  else if (width == 128)
+    gather_add_band(nbr, self_part, idx, u, dist, wt, z, sum, sumsq, n0, n1, n_slots, 128, g, dmin, step, reach, 0);
   else
-    gather_add_band(nbr, self_part, idx, u, dist, wt, z, n0, n1, n_slots, width, g, dmin, step, reach);
+    gather_add_band(nbr, self_part, idx, u, dist, wt, z, sum, sumsq, n0, n1, n_slots, width, g, dmin, step, reach,
+                    sum != NULL);
 }
 
 /* ct_bn_backward_apply, and the gradient of W_e (transposed, (G, width)) by bands in the same pass:

@@ -237,15 +237,17 @@ class _GatedMessagesNative(torch.autograd.Function):
         z = self_part.new_empty(n_edges, width)
         chunks = native.chunk_count(n_atoms)
         band, needs_backward = how  # (distances, dmin, step, reach) or None; whether a backward follows
-        if band is not None:  # the edge matmul by bands of non-zero Gaussians, in the gather's loop
+        sums = torch.empty(2, chunks, width, dtype=torch.float64) if training else None  # BatchNorm statistics
+        if band is not None:  # the edge matmul by bands of non-zero Gaussians, and the statistics, in the gather
             distances, dmin, step, reach = band
             edge_fea = edge_fea.contiguous()
             weight_t = edge_weight.t().contiguous()
             n_gauss = edge_fea.shape[1]
             native.run_chunked(
-                lambda _, a, b: lib.ct_gather_add_band(
+                lambda i, a, b: lib.ct_gather_add_band(
                     _ptr(nbr_part), _ptr(self_part), _ptr(flat_idx), _ptr(edge_fea), _ptr(distances),
-                    _ptr(weight_t), _ptr(z), a, b, n_slots, width, n_gauss, dmin, step, reach,
+                    _ptr(weight_t), _ptr(z), None if sums is None else _ptr(sums[0, i]),
+                    None if sums is None else _ptr(sums[1, i]), a, b, n_slots, width, n_gauss, dmin, step, reach,
                 ),
                 n_atoms,
                 chunks,
@@ -259,15 +261,15 @@ class _GatedMessagesNative(torch.autograd.Function):
                 chunks,
             )
             z.addmm_(edge_fea, edge_weight.t())
+            if training:
+                native.run_chunked(
+                    lambda i, a, b: lib.ct_col_stats(
+                        _ptr(z), a * n_slots, b * n_slots, width, _ptr(sums[0, i]), _ptr(sums[1, i])
+                    ),
+                    n_atoms,
+                    chunks,
+                )
         if training:
-            sums = torch.empty(2, chunks, width, dtype=torch.float64)
-            native.run_chunked(
-                lambda i, a, b: lib.ct_col_stats(
-                    _ptr(z), a * n_slots, b * n_slots, width, _ptr(sums[0, i]), _ptr(sums[1, i])
-                ),
-                n_atoms,
-                chunks,
-            )
             total = sums.sum(dim=1)
             mean64 = total[0] / n_edges
             var64 = (total[1] / n_edges - mean64 * mean64).clamp_min(0.0)

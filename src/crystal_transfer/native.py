@@ -59,7 +59,7 @@ LIBRARIES = {
             "ct_gated_forward": ([_P] * 7 + [_I] * 4, None),
             "ct_gated_backward_dy": ([_P] * 8 + [_I] * 4, None),
             "ct_bn_backward_apply": ([_P] * 8 + [_I] * 4, None),
-            "ct_gather_add_band": ([_P] * 7 + [_I] * 5 + [ctypes.c_float] * 3, None),
+            "ct_gather_add_band": ([_P] * 9 + [_I] * 5 + [ctypes.c_float] * 3, None),
             "ct_bn_backward_apply_band": ([_P] * 12 + [_I] * 5 + [ctypes.c_float] * 3, None),
             "ct_gated_forward_inference": ([_P] * 4 + [_I] * 4, None),
         },
