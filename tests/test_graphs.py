@@ -339,6 +339,24 @@ def test_compiled_and_pymatgen_shards_are_identical(sample, tmp_path, monkeypatc
                 np.testing.assert_array_equal(first[name], second[name], err_msg=name)
 
 
+def test_compiled_neighbour_search_keeps_pymatgens_cut_off_below_1_angstrom(sample):
+    """Below its min_r of 1 Å pymatgen keeps d <= r exactly (above it, d² < r² + 1e-8): a neighbour 5e-9 Å beyond
+    a radius of 0.9 Å is out on both paths."""
+    from pymatgen.core import Structure
+
+    _compiled_search_or_skip()
+    structure = Structure.from_str(sample["cifs"]["mp-2"], fmt="cif")  # fcc Pd, one atom per cell
+    nearest = min(n.nn_distance for n in structure.get_neighbors(structure[0], 4.0))
+    structure.scale_lattice(structure.volume * ((0.9 + 5e-9) / nearest) ** 3)
+    args = (structure.lattice.matrix, structure.frac_coords, np.array(structure.atomic_numbers))
+    settings = GraphSettings(radius=0.9, isolated_atoms="keep")
+    ours, theirs = crystal_graph(*args, settings), crystal_graph(*args, settings, use_native=False)
+    assert theirs.nbr_count.tolist() == [0] and ours.nbr_count.tolist() == [0]
+    settings = GraphSettings(radius=0.9 + 1e-8, isolated_atoms="keep")
+    ours, theirs = crystal_graph(*args, settings), crystal_graph(*args, settings, use_native=False)
+    assert theirs.nbr_count.tolist() == ours.nbr_count.tolist() == [12]
+
+
 def test_compiled_neighbour_search_names_a_broken_crystal(sample):
     """A singular lattice or a non-finite coordinate is refused with the reason, not a crash or a silent graph."""
     from crystal_transfer import native
@@ -353,6 +371,13 @@ def test_compiled_neighbour_search_names_a_broken_crystal(sample):
         _native_lists(lib, np.stack([good, flat]), np.array([0, 2, 3]), frac, np.array([8, 8, 8]),
                       np.array([8.0, 8.0]), 12, TIE_TOLERANCE)
     assert caught.value.crystal == 1
+    thin = good.copy()
+    thin[2, 2] = 1e-7  # a cell far thinner than the radius: about 1e16 images
+    with pytest.raises(NeighbourSearchError, match="thinner than the radius"):
+        _native_lists(lib, thin[None], np.array([0, 2]), frac[:2], np.array([8, 8]), np.array([8.0]), 12, TIE_TOLERANCE)
+    with pytest.raises(GraphStageError, match="inconsistent crystal arrays"):
+        _native_lists(lib, good[None], np.array([0, 3]), frac[:2], np.array([8, 8, 8]), np.array([8.0]), 12,
+                      TIE_TOLERANCE)
     frac[1, 2] = np.nan
     with pytest.raises(NeighbourSearchError, match="non-finite") as caught:
         _native_lists(lib, good[None], np.array([0, 2]), frac[:2], np.array([8, 8]), np.array([8.0]), 12,

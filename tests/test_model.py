@@ -590,6 +590,25 @@ def test_native_gated_messages_equal_torch_path(fast_graphs: list[Graph], traini
     assert not torch.equal(out_n, out_t)
 
 
+def test_banded_kernels_take_any_finite_distance_and_refuse_non_finite(fast_graphs: list[Graph]) -> None:
+    """Distances far beyond the Gaussian centres (an empty band) give the PyTorch path's output; a NaN or infinite
+    distance is refused with a clear error rather than turned into a finite number by the compiled kernels."""
+    _native_or_skip()
+    torch.manual_seed(0)
+    batch = make_batch(fast_graphs[:20])
+    base = CGCNN(targets=["formation_energy_per_atom"]).eval()
+    plain = copy.deepcopy(base)
+    for conv in plain.convs:
+        conv.native = False
+    batch.nbr_dist[0, :4] = torch.tensor([0.0, 100.0, 1e19, 3.4e38])
+    with torch.no_grad():
+        assert torch.allclose(base(batch), plain(batch), rtol=1e-5, atol=1e-5)
+    for bad in (float("nan"), float("inf")):
+        batch.nbr_dist[1, 0] = bad
+        with pytest.raises(ValueError, match="non-finite neighbour distances"):
+            base(batch)
+
+
 def test_native_kernels_accurate_over_the_whole_float_range() -> None:
     """sigmoid and softplus of BatchNorm outputs from -200 to 200 (exp, log1p written as polynomials in C)
     against float64, with their gradients."""

@@ -147,9 +147,12 @@ void ct_gated_backward_dy(const float *restrict grad, const float *restrict gate
    (sqrt(87) * width plus a margin) of d; the entries read are those of u itself, so the result is the dense
    product's up to the order of the sums. wt is W_e transposed, (G, width) row-major. */
 static inline void band(float d, int64_t g, float dmin, float step, float reach, int64_t *lo, int64_t *hi) {
-  float first = ceilf((d - reach - dmin) / step), last = floorf((d + reach - dmin) / step);
-  *lo = first < 0.0f ? 0 : (int64_t)first;
-  *hi = last > (float)(g - 1) ? g - 1 : (int64_t)last;
+  /* clamped as floats before the casts: a distance far beyond the centres gives an empty band (hi < lo), not an
+     overflowing cast (the caller sends only finite distances: -ffast-math assumes no NaN or infinity) */
+  float first = fminf(fmaxf(ceilf((d - reach - dmin) / step), 0.0f), (float)g);
+  float last = fminf(fmaxf(floorf((d + reach - dmin) / step), -1.0f), (float)(g - 1));
+  *lo = (int64_t)first;
+  *hi = (int64_t)last;
 }
 
 /* z[e, :] = nbr[idx[e], :] + self[e / n_slots, :] + sum_{k in band(d_e)} u[e, k] * wt[k, :] for atoms [n0, n1);

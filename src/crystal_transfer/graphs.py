@@ -62,7 +62,12 @@ class GraphStageError(Exception):
 class NeighbourSearchError(GraphStageError):
     """The compiled neighbour search refused crystal ``crystal`` (index in its batch) of a batch."""
 
-    REASONS = {-1: "out of memory", -2: "singular lattice (zero volume)", -3: "non-finite fractional coordinates"}
+    REASONS = {
+        -1: "out of memory",
+        -2: "singular lattice (zero volume)",
+        -3: "non-finite fractional coordinates",
+        -4: "a cell far thinner than the radius (more than 1e8 periodic images to search)",
+    }
 
     def __init__(self, crystal: int, status: int) -> None:
         self.crystal = crystal
@@ -255,6 +260,12 @@ def _native_lists(
     atoms = int(atom_ptr[-1] - atom_ptr[0])
     if atom_ptr[0] != 0:
         atom_ptr = atom_ptr - atom_ptr[0]
+    # the C loop reads these arrays unchecked
+    if len(frac) != atoms or len(numbers) != atoms or len(lattices) != len(radii) or len(atom_ptr) != len(radii) + 1:
+        raise GraphStageError(
+            f"inconsistent crystal arrays: {len(frac)} coordinate rows and {len(numbers)} atomic numbers for {atoms} "
+            f"atoms; {len(lattices)} lattices and {len(radii)} radii for {len(atom_ptr) - 1} crystals"
+        )
     nbr_idx = np.empty((atoms, max_num_nbr), dtype=np.int64)
     nbr_dist = np.empty((atoms, max_num_nbr), dtype=np.float32)
     nbr_count = np.empty(atoms, dtype=np.int64)
@@ -436,7 +447,7 @@ def build_shard(plan_path: str | Path, index: int, table: str | Path | None = No
         if lib is not None and (settings.isolated_atoms == "keep" or lists[2][a0 - first : a1 - first].all()):
             local = slice(a0 - first, a1 - first)
             graph = CrystalGraph(
-                lists[0][local].astype(np.uint16), lists[1][local], lists[2][local].astype(np.uint8), settings.radius
+                lists[0][local].astype(np.int32), lists[1][local], lists[2][local].astype(np.uint8), settings.radius
             )
         else:
             graph = crystal_graph(arrays["lattice"][row], frac[a0:a1], numbers, settings)
@@ -450,7 +461,7 @@ def build_shard(plan_path: str | Path, index: int, table: str | Path | None = No
         radii.append(graph.radius)
         atom_counts.append(len(numbers))
         numbers_out.append(numbers)
-        idx_out.append(graph.nbr_idx.astype(np.uint16, copy=False))
+        idx_out.append(graph.nbr_idx)
         dist_out.append(graph.nbr_dist)
         count_out.append(graph.nbr_count)
     m = settings.max_num_nbr

@@ -461,7 +461,9 @@ class ConvLayer(nn.Module):
             return _GatedMessages.apply(*args)
         if band is not None:
             distances, dmin, step, reach = band
-            band = (distances.reshape(-1).to(torch.float32).contiguous(), float(dmin), float(step), float(reach))
+            distances = distances.reshape(-1).to(torch.float32).contiguous()
+            # a NaN or infinite distance (corrupt input) goes the dense way, where it shows as NaN as in PyTorch
+            band = (distances, float(dmin), float(step), float(reach)) if bool(distances.isfinite().all()) else None
         needs_backward = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (self_part, nbr_part, edges, weight, bn.weight, bn.bias)
         )
@@ -637,6 +639,8 @@ class CGCNN(nn.Module):
             atom_fea = self.embed(batch.numbers)
         if depth == start:
             return atom_fea
+        if not bool(batch.nbr_dist.isfinite().all()):  # the compiled kernels would not show it as NaN
+            raise ValueError("non-finite neighbour distances in the batch: the graphs are corrupt; rebuild them")
         edge_fea = self.edge_features(batch.nbr_dist)
         mask = None if bool(batch.nbr_mask.all()) else batch.nbr_mask
         band = {"band": self.gaussian_band(batch.nbr_dist)} if self.conv_type == "gated" else {}

@@ -9,7 +9,8 @@ so a build takes about half a second):
   element on this project's AMD EPYC, against 0.25 for ``sigmoid``); the library does those passes in five
   vectorised loops (``-O3 -march=native -ffast-math``);
 - ``neighbours`` (``neighbour_kernels.c``, :func:`neighbour_kernels`): periodic neighbour lists with CGCNN's
-  selection rules for the graphs stage (``-O2``, strict IEEE arithmetic: the same lists as the pymatgen path).
+  selection rules for the graphs stage (``-O2 -ffp-contract=off``, strict IEEE arithmetic without fused
+  multiply-adds: the same lists as the pymatgen path, on any CPU).
 
 Each source is compiled to an object file and linked in a second step without the optimisation flags: gcc before
 13 links ``crtfastmath.o`` into a shared library linked with ``-ffast-math``, and loading that library would switch
@@ -66,7 +67,7 @@ LIBRARIES = {
     ),
     "neighbours": _Library(
         "neighbour_kernels.c",
-        (("-O2", "-march=native"), ("-O2",)),
+        (("-O2", "-march=native", "-ffp-contract=off"), ("-O2", "-ffp-contract=off")),
         {
             "ct_neighbour_lists": (
                 [_I] + [_P] * 6 + [_I, ctypes.c_double, ctypes.c_double, ctypes.c_double] + [_P] * 4,

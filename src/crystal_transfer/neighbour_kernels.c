@@ -2,7 +2,8 @@
  *
  * For every atom i of a crystal (lattice rows a, b, c; fractional coordinates f) the candidates are all pairs
  * (j, image n) with squared distance |(f_j + n - f_i) L|^2 < r^2 + tol2 (pymatgen's find_points_in_spheres
- * test, tol2 = 1e-8), except the atom itself (distance <= 1e-8 A and the same element). They are ranked as
+ * test, tol2 = 1e-8; below pymatgen's min_r of 1 A: d <= r), except the atom itself (distance <= 1e-8 A and
+ * the same element). They are ranked as
  * graphs.select_neighbours does: when there are more than M, only those within the M-th smallest distance
  * plus `margin` are kept; sorted by (distance, j, image); consecutive distances closer than `tie_tol` form one
  * shell; a shell is ordered by (j, image); the first M are the atom's neighbours. Images are counted from the
@@ -13,7 +14,8 @@
  * j within the cut-off without a branch. A translation is skipped when the cell's centre C satisfies
  * |C + T - X_i| >= r + rho, rho the largest distance of an atom from C.
  *
- * Compiled with -O2 and without -ffast-math: IEEE arithmetic. Distances may differ from pymatgen's in the last
+ * Compiled with -O2 -ffp-contract=off and without -ffast-math: IEEE arithmetic, no fused multiply-adds, so that
+ * the distances do not depend on the CPU. Distances may differ from pymatgen's in the last
  * bits (another summation order), which the float32 output and the 1e-6 A tie tolerance absorb; the tests
  * compare the two on real crystals.
  */
@@ -114,7 +116,10 @@ static int crystal(int64_t na, const double *lat, const double *frac, const int6
                    int64_t *count, ct_candidate **buf, int64_t *cap, double **dbuf, int64_t *dcap) {
     double inv[9];
     if (!invert3(lat, inv)) return -2;
-    double cut2 = radius * radius + tol2;
+    /* pymatgen keeps d^2 < r^2 + tol2, except below its min_r of 1 A, where it keeps d <= r (exact test below) */
+    int below_min_r = radius < 1.0;
+    double cut2 = below_min_r ? radius * radius * (1.0 + 1e-12) : radius * radius + tol2;
+    double self2 = tol2 * tol2; /* the atom itself: distance <= tol2 (1e-8 A) and the same element */
     double reach = sqrt(cut2) * (1.0 + 1e-12) + 1e-12;
     /* wrapped Cartesian positions X_j = (f_j - floor(f_j)) L, by coordinate (a vectorisable inner loop), and d2 */
     double *x = malloc((size_t)(na > 0 ? na : 1) * 5 * sizeof(double));
@@ -147,8 +152,16 @@ static int crystal(int64_t na, const double *lat, const double *frac, const int6
     /* images n with |n_k| <= R_k + 1: the k-th fractional component of a vector of length <= reach is at most
      * reach |column k of L^-1|, and wrapped coordinates differ by less than 1 */
     int64_t N[3];
-    for (int k = 0; k < 3; k++)
-        N[k] = (int64_t)ceil(reach * sqrt(inv[k] * inv[k] + inv[3 + k] * inv[3 + k] + inv[6 + k] * inv[6 + k])) + 1;
+    double images = 1.0;
+    for (int k = 0; k < 3; k++) {
+        double extent = ceil(reach * sqrt(inv[k] * inv[k] + inv[3 + k] * inv[3 + k] + inv[6 + k] * inv[6 + k])) + 1;
+        images *= 2 * extent + 1;
+        if (!(images <= 1e8)) { /* a cell far thinner than the radius (or nearly singular): refused, not searched */
+            free(x);
+            return -4;
+        }
+        N[k] = (int64_t)extent;
+    }
     for (int64_t i = 0; i < na; i++) {
         int64_t nc = 0;
         for (int64_t n0 = -N[0]; n0 <= N[0]; n0++) {
@@ -171,7 +184,8 @@ static int crystal(int64_t na, const double *lat, const double *frac, const int6
                     }
                     for (int64_t t = 0; t < found; t++) {
                         int64_t j = near[t];
-                        if (d2[j] <= 1e-16 && numbers[i] == numbers[j]) continue; /* the atom itself */
+                        if (below_min_r && !(sqrt(d2[j]) <= radius)) continue;
+                        if (d2[j] <= self2 && numbers[i] == numbers[j]) continue; /* the atom itself */
                         if (nc == *cap) {
                             int64_t grown = *cap ? 2 * *cap : 256;
                             ct_candidate *more = realloc(*buf, (size_t)grown * sizeof(ct_candidate));
@@ -243,7 +257,7 @@ static int crystal(int64_t na, const double *lat, const double *frac, const int6
 /* Crystals [0, n_crystals): atoms of crystal c are rows atom_ptr[c]..atom_ptr[c+1] of frac/numbers (and of
  * idx/dist/count); lattices are row-major 3x3; radii[c] is its cut-off and pad_dist[c] its padded slots' distance.
  * Returns 0, or the first failing crystal's error code (-1 memory, -2 singular lattice, -3 non-finite
- * coordinates) with its index in *failed. */
+ * coordinates, -4 more than 1e8 periodic images to search) with its index in *failed. */
 int64_t ct_neighbour_lists(int64_t n_crystals, const int64_t *atom_ptr, const double *lattices, const double *frac,
                            const int64_t *numbers, const double *radii, const float *pad_dist, int64_t M,
                            double tol2, double tie_tol, double margin, int64_t *idx, float *dist, int64_t *count,
