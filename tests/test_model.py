@@ -590,6 +590,25 @@ def test_native_gated_messages_equal_torch_path(fast_graphs: list[Graph], traini
     assert not torch.equal(out_n, out_t)
 
 
+def test_compiled_gaussian_expansion_equals_torch(fast_graphs: list[Graph]) -> None:
+    """``CGCNN.edge_features`` through ``ct_gaussian_expand``: PyTorch's values and the same exact zeros (no
+    subnormal numbers), on real distances and extremes; with a layer's ``native`` off, PyTorch's expansion."""
+    _native_or_skip()
+    model = CGCNN(targets=["formation_energy_per_atom"])
+    distances = make_batch(fast_graphs[:200]).nbr_dist.clone()
+    distances[0, :5] = torch.tensor([0.0, RADIUS, RADIUS + 1.0, 100.0, 1e19])
+    assert model._native_expansion(distances)
+    compiled = model.edge_features(distances)
+    reference = gaussian_expand(distances, model.gaussian_centres, model.gaussian_width)
+    assert compiled.shape == reference.shape
+    assert torch.equal(compiled == 0, reference == 0)
+    assert ((compiled - reference).abs() <= 1e-5 * reference.abs() + 1e-12).all()
+    assert not ((compiled != 0) & (compiled.abs() < torch.finfo(torch.float32).tiny)).any()
+    model.convs[2].native = False
+    assert not model._native_expansion(distances)
+    assert torch.equal(model.edge_features(distances), reference)
+
+
 def test_banded_kernels_take_any_finite_distance_and_refuse_non_finite(fast_graphs: list[Graph]) -> None:
     """Distances far beyond the Gaussian centres (an empty band) give the PyTorch path's output; a NaN or infinite
     distance is refused with a clear error rather than turned into a finite number by the compiled kernels."""

@@ -269,3 +269,20 @@ void ct_bn_backward_apply(float *restrict dz, const float *restrict z, const flo
   ct_bn_backward_apply_band(dz, z, a, b, c, idx, d_self, d_nbr, NULL, NULL, NULL, NULL, n0, n1, n_slots, width, 0,
                             0.0f, 1.0f, 0.0f);
 }
+
+/* CGCNN's Gaussian edge features of distances [r0, r1) (model.gaussian_expand in one pass):
+   u[r, k] = exp(-(d_r - mu_k)^2 * inv_w2), written as exactly 0 where the exponent exceeds max_exponent (87:
+   below that, float32 turns subnormal) */
+void ct_gaussian_expand(const float *restrict dist, const float *restrict centres, float *restrict u, int64_t r0,
+                        int64_t r1, int64_t g, float inv_w2, float max_exponent) {
+  for (int64_t r = r0; r < r1; r++) {
+    float d = dist[r];
+    float *row = u + r * g;
+    for (int64_t k = 0; k < g; k++) {
+      float x = d - centres[k];
+      float exponent = x * x * inv_w2;
+      float value = exp_nonpos(-fminf(exponent, max_exponent));
+      row[k] = exponent > max_exponent ? 0.0f : value;
+    }
+  }
+}

@@ -63,6 +63,7 @@ LIBRARIES = {
             "ct_gather_add_band": ([_P] * 9 + [_I] * 5 + [ctypes.c_float] * 3, None),
             "ct_bn_backward_apply_band": ([_P] * 12 + [_I] * 5 + [ctypes.c_float] * 3, None),
             "ct_gated_forward_inference": ([_P] * 4 + [_I] * 4, None),
+            "ct_gaussian_expand": ([_P] * 3 + [_I] * 3 + [ctypes.c_float] * 2, None),
         },
     ),
     "neighbours": _Library(
