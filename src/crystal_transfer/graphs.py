@@ -237,6 +237,11 @@ def select_neighbours(
     return centre[keep], neighbour[keep], distance[keep]
 
 
+def _index_dtype(num_atoms: int) -> type:
+    """The smallest integer type that holds atom indices of a crystal (or shard) with ``num_atoms`` atoms."""
+    return np.uint8 if num_atoms <= 256 else np.uint16 if num_atoms <= 65536 else np.int32
+
+
 def _native_lists(
     lib: Any,
     lattices: np.ndarray,
@@ -318,15 +323,13 @@ def crystal_graph(
         radius = radius + settings.extend_step
     if lib is not None:
         nbr_idx, nbr_dist, nbr_count = lists
-        index_dtype = np.uint8 if num_atoms <= 256 else np.uint16 if num_atoms <= 65536 else np.int32
-        return CrystalGraph(nbr_idx.astype(index_dtype), nbr_dist, nbr_count.astype(np.uint8), radius=radius)
+        return CrystalGraph(nbr_idx.astype(_index_dtype(num_atoms)), nbr_dist, nbr_count.astype(np.uint8), radius)
     centre, neighbour, distance = select_neighbours(
         centre, neighbour, image, distance, num_atoms, m, settings.tie_tolerance
     )
     nbr_count = np.bincount(centre, minlength=num_atoms)
     slot = np.arange(len(centre)) - np.repeat(np.cumsum(nbr_count) - nbr_count, nbr_count)
-    index_dtype = np.uint8 if num_atoms <= 256 else np.uint16 if num_atoms <= 65536 else np.int32
-    nbr_idx = np.zeros((num_atoms, m), dtype=index_dtype)
+    nbr_idx = np.zeros((num_atoms, m), dtype=_index_dtype(num_atoms))
     nbr_dist = np.full((num_atoms, m), radius + 1.0, dtype=np.float32)
     nbr_idx[centre, slot] = neighbour
     nbr_dist[centre, slot] = distance
@@ -447,7 +450,7 @@ def build_shard(plan_path: str | Path, index: int, table: str | Path | None = No
         if lib is not None and (settings.isolated_atoms == "keep" or lists[2][a0 - first : a1 - first].all()):
             local = slice(a0 - first, a1 - first)
             graph = CrystalGraph(
-                lists[0][local].astype(np.int32), lists[1][local], lists[2][local].astype(np.uint8), settings.radius
+                lists[0][local], lists[1][local], lists[2][local].astype(np.uint8), settings.radius
             )
         else:
             graph = crystal_graph(arrays["lattice"][row], frac[a0:a1], numbers, settings)
@@ -467,8 +470,7 @@ def build_shard(plan_path: str | Path, index: int, table: str | Path | None = No
     m = settings.max_num_nbr
     ptr = np.zeros(len(ids) + 1, dtype=np.int64)
     np.cumsum(atom_counts, out=ptr[1:])
-    max_atoms = max(atom_counts, default=0)
-    index_dtype = np.uint8 if max_atoms <= 256 else np.uint16 if max_atoms <= 65536 else np.int32
+    index_dtype = _index_dtype(max(atom_counts, default=0))
     shard_arrays = {
         "atom_ptr": ptr,
         "numbers": np.concatenate(numbers_out).astype(np.uint8) if ids else np.zeros(0, np.uint8),
