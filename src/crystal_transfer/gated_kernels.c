@@ -43,20 +43,6 @@ static inline float log1p_series(float s) {
   return 2.0f * s * p;
 }
 
-/* z[e, :] = nbr[idx[e], :] + self[e / n_slots, :] for atoms [n0, n1) */
-void ct_gather_add(const float *restrict nbr, const float *restrict self_part, const int64_t *restrict idx,
-                   float *restrict z, int64_t n0, int64_t n1, int64_t n_slots, int64_t width) {
-  for (int64_t n = n0; n < n1; n++) {
-    const float *s = self_part + n * width;
-    for (int64_t m = 0; m < n_slots; m++) {
-      int64_t e = n * n_slots + m;
-      const float *src = nbr + idx[e] * width;
-      float *dst = z + e * width;
-      for (int64_t k = 0; k < width; k++) dst[k] = src[k] + s[k];
-    }
-  }
-}
-
 /* per-channel sum and sum of squares of z rows [r0, r1), accumulated in double */
 void ct_col_stats(const float *restrict z, int64_t r0, int64_t r1, int64_t width, double *restrict sum,
                   double *restrict sumsq) {
@@ -171,12 +157,14 @@ static inline void gather_add_band(const float *restrict nbr, const float *restr
       const float *src = nbr + idx[e] * width;
       float *dst = z + e * width;
       for (int64_t k = 0; k < width; k++) dst[k] = src[k] + s[k];
-      band(dist[e], g, dmin, step, reach, &lo, &hi);
-      const float *ue = u + e * g;
-      for (int64_t j = lo; j <= hi; j++) {
-        float uj = ue[j];
-        const float *w = wt + j * width;
-        for (int64_t k = 0; k < width; k++) dst[k] += uj * w[k];
+      if (g > 0) { /* g == 0: ct_gather_add, no edge features */
+        band(dist[e], g, dmin, step, reach, &lo, &hi);
+        const float *ue = u + e * g;
+        for (int64_t j = lo; j <= hi; j++) {
+          float uj = ue[j];
+          const float *w = wt + j * width;
+          for (int64_t k = 0; k < width; k++) dst[k] += uj * w[k];
+        }
       }
       if (stats) /* a constant in each caller: compiled away where 0 */
         for (int64_t k = 0; k < width; k++) { double v = dst[k]; sum[k] += v; sumsq[k] += v * v; }
@@ -285,4 +273,11 @@ void ct_gaussian_expand(const float *restrict dist, const float *restrict centre
       row[k] = exponent > max_exponent ? 0.0f : value;
     }
   }
+}
+
+/* z[e, :] = nbr[idx[e], :] + self[e / n_slots, :] for atoms [n0, n1) (the edge matmul follows in PyTorch) */
+void ct_gather_add(const float *restrict nbr, const float *restrict self_part, const int64_t *restrict idx,
+                   float *restrict z, int64_t n0, int64_t n1, int64_t n_slots, int64_t width) {
+  gather_add_band(nbr, self_part, idx, NULL, NULL, NULL, z, NULL, NULL, n0, n1, n_slots, width, 0, 0.0f, 1.0f, 0.0f,
+                  0);
 }
