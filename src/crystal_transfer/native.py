@@ -48,6 +48,9 @@ class _Library:
     source: str
     flag_sets: tuple[tuple[str, ...], ...]  # tried in order; the second without -march=native (some arm64 compilers)
     functions: dict[str, tuple[list, object]]  # name -> (argtypes, restype)
+    label: str  # how describe() names it
+    fallback: str  # what runs without it (describe)
+    warning: str  # the RuntimeWarning when it cannot be built ({reason})
 
 
 LIBRARIES = {
@@ -65,6 +68,9 @@ LIBRARIES = {
             "ct_gated_forward_inference": ([_P] * 4 + [_I] * 4, None),
             "ct_gaussian_expand": ([_P] * 3 + [_I] * 3 + [ctypes.c_float] * 2, None),
         },
+        "compiled kernels",
+        "PyTorch path",
+        "compiled CGCNN kernels unavailable ({reason}); using the PyTorch path, same results, slower",
     ),
     "neighbours": _Library(
         "neighbour_kernels.c",
@@ -75,6 +81,9 @@ LIBRARIES = {
                 ctypes.c_int64,
             ),
         },
+        "compiled neighbour search",
+        "pymatgen's search",
+        "compiled neighbour search unavailable ({reason}); using pymatgen's, same graphs, slower",
     ),
 }
 _LOCK = threading.Lock()
@@ -173,12 +182,6 @@ def _load(name: str) -> ctypes.CDLL:
     return lib
 
 
-_FALLBACK = {
-    "gated": "compiled CGCNN kernels unavailable ({reason}); using the PyTorch path, same results, slower",
-    "neighbours": "compiled neighbour search unavailable ({reason}); using pymatgen's, same graphs, slower",
-}
-
-
 def library(name: str) -> ctypes.CDLL | None:
     """Library ``name`` of ``LIBRARIES`` loaded, or None where it cannot be built (why: ``unavailable_reason``).
 
@@ -198,7 +201,7 @@ def library(name: str) -> ctypes.CDLL | None:
                     lib = _load(name)
                 except (RuntimeError, OSError, AttributeError) as error:
                     reason = str(error)
-                    warnings.warn(_FALLBACK[name].format(reason=reason), RuntimeWarning, stacklevel=3)
+                    warnings.warn(LIBRARIES[name].warning.format(reason=reason), RuntimeWarning, stacklevel=3)
             state["reason"] = reason
             state["lib"] = lib
     return state["lib"]  # type: ignore[return-value]
@@ -221,13 +224,11 @@ def unavailable_reason(name: str = "gated") -> str | None:
 
 def describe(name: str = "gated") -> str:
     """One line on library ``name``: built now or taken from the cache (and where), or why unavailable."""
-    state = _STATE.get(name, {})
-    label = {"gated": "compiled kernels", "neighbours": "compiled neighbour search"}[name]
+    state, label = _STATE.get(name, {}), LIBRARIES[name].label
     if "lib" not in state:
         return f"{label}: not loaded yet"
     if state["lib"] is None:
-        fallback = "PyTorch path" if name == "gated" else "pymatgen's search"
-        return f"{label}: unavailable ({state['reason']}); {fallback}"
+        return f"{label}: unavailable ({state['reason']}); {LIBRARIES[name].fallback}"
     how = "built now" if state.get("built") else "loaded from the cache"
     return f"{label}: {how}, {state['path']}"
 
