@@ -462,7 +462,8 @@ class ConvLayer(nn.Module):
         if band is not None:
             distances, dmin, step, reach = band
             distances = distances.reshape(-1).to(torch.float32).contiguous()
-            # a NaN or infinite distance (corrupt input) goes the dense way, where it shows as NaN as in PyTorch
+            # the band loops assume finite distances; CGCNN refuses non-finite ones before (atom_features), this
+            # keeps direct callers on the dense loops
             band = (distances, float(dmin), float(step), float(reach)) if bool(distances.isfinite().all()) else None
         needs_backward = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (self_part, nbr_part, edges, weight, bn.weight, bn.bias)
