@@ -6,6 +6,8 @@ import re
 
 from snakemake.utils import min_version, validate
 
+from crystal_transfer.config import SCHEMA_PATH
+
 min_version("9.0")
 
 
@@ -16,7 +18,8 @@ if not workflow.overwrite_configfiles:
     configfile: "config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+# the schema that ships inside the package: the workflow and `python -m crystal_transfer` validate alike
+validate(config, str(SCHEMA_PATH))
 
 RESULTS = config["results_dir"]
 

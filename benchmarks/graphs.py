@@ -94,13 +94,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from crystal_transfer import native
-    from crystal_transfer.graphs import GraphSettings, _table_arrays, build_graphs, crystal_graph, file_sha256
+    from crystal_transfer.graphs.stage import GraphSettings, _table_arrays, build_graphs, crystal_graph, file_sha256
+    from crystal_transfer.kernels import native
 
     work = Path(args.work)
     table = Path(args.table) if args.table else work / "data" / "crystals.parquet"
     if not table.is_file():
-        from crystal_transfer.cli import main as cli
+        from crystal_transfer.cli.main import main as cli
 
         print(f"building the mp2018 table into {table.parent} (not timed) ...")
         status = cli(

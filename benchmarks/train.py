@@ -9,7 +9,7 @@ Measured:
   expands the Gaussians inside its step, cgcnn2 gets them from its dataset), interleaved and repeated, medians;
   also our model with the fused edge path in PyTorch operations (``ConvLayer.native = False``, what runs where
   no C compiler works) and with the edge part as a chain of eager modules (``ConvLayer.fused = False``), to show
-  what the compiled kernels (``crystal_transfer.native``) and the fused path gain; glibc's allocator is tuned
+  what the compiled kernels (``crystal_transfer.kernels.native``) and the fused path gain; glibc's allocator is tuned
   (``train.tune_allocator``) for every side; the kernels are built (or loaded from the cache) before timing;
 - first epoch including data preparation: ours builds the graphs of those crystals from the canonical table
   (``build_graphs``) and runs one epoch (train + validation) with our ``Trainer``; cgcnn2 featurises the CIF files
@@ -44,14 +44,15 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from crystal_transfer import graphs, native
-from crystal_transfer.batch import GraphBatch
-from crystal_transfer.dataset import label_values
-from crystal_transfer.graph_dataset import GraphDataset
-from crystal_transfer.graphs import GraphSettings, build_graphs
-from crystal_transfer.model import CGCNN, masked_mse_loss
-from crystal_transfer.normalizer import Normalizer
-from crystal_transfer.train import Trainer, TrainSettings, tune_allocator
+from crystal_transfer.data.table import label_values
+from crystal_transfer.graphs import stage as graphs
+from crystal_transfer.graphs.batch import GraphBatch
+from crystal_transfer.graphs.dataset import GraphDataset
+from crystal_transfer.graphs.stage import GraphSettings, build_graphs
+from crystal_transfer.kernels import native
+from crystal_transfer.models.cgcnn import CGCNN, masked_mse_loss
+from crystal_transfer.training.normalizer import Normalizer
+from crystal_transfer.training.trainer import Trainer, TrainSettings, tune_allocator
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = "formation_energy_per_atom"

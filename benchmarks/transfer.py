@@ -22,12 +22,16 @@ from pathlib import Path
 
 import torch
 
-from crystal_transfer.graph_dataset import GraphDataset
-from crystal_transfer.model import CGCNN
-from crystal_transfer.normalizer import Normalizer
-from crystal_transfer.splits import make_split
-from crystal_transfer.train import Trainer, TrainSettings
-from crystal_transfer.transfer import CachedFeatureDataset, build_transfer_model, compute_frozen_features
+from crystal_transfer.data.split import make_split
+from crystal_transfer.experiments.frozen_features import (
+    CachedFeatureDataset,
+    build_transfer_model,
+    compute_frozen_features,
+)
+from crystal_transfer.graphs.dataset import GraphDataset
+from crystal_transfer.models.cgcnn import CGCNN
+from crystal_transfer.training.normalizer import Normalizer
+from crystal_transfer.training.trainer import Trainer, TrainSettings
 
 ARCHITECTURE = {"atom_fea_len": 64, "n_conv": 4, "h_fea_len": 32, "n_h": 1}
 TARGET = "band_gap"

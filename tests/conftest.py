@@ -22,8 +22,8 @@ def shared(*parts: str) -> Path:
 @pytest.fixture(scope="session")
 def matminer_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The matminer 0.3.9 source archive from the package registry, downloaded once per test session."""
-    from crystal_transfer.sources import SourceError
-    from crystal_transfer.sources.matminer_legacy import fetch_archive
+    from crystal_transfer.data.sources import SourceError
+    from crystal_transfer.data.sources.matminer_legacy import fetch_archive
 
     cache = Path(os.environ.get("CRYSTAL_TRANSFER_CACHE", tmp_path_factory.mktemp("registry")))
     try:
@@ -56,9 +56,9 @@ def mp2018_texts() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def matminer_graphs(matminer_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The embedded dataset's table, graphs and a small band-gap split (120 / 60 / 60), built once."""
-    from crystal_transfer.dataset import build_dataset
-    from crystal_transfer.graphs import GraphSettings, build_graphs
-    from crystal_transfer.splits import make_split, write_split
+    from crystal_transfer.data.split import make_split, write_split
+    from crystal_transfer.data.table import build_dataset
+    from crystal_transfer.graphs.stage import GraphSettings, build_graphs
 
     root = tmp_path_factory.mktemp("matminer")
     spec = {

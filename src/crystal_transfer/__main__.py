@@ -1,3 +1,3 @@
-from crystal_transfer.cli import main
+from crystal_transfer.cli.main import main
 
 raise SystemExit(main())

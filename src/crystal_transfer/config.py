@@ -1,4 +1,4 @@
-"""Load and validate the pipeline config against workflow/schemas/config.schema.yaml.
+"""Load and validate the pipeline config against src/crystal_transfer/config.schema.yaml.
 
 The schema is the single description of every key (type, default, description). Validation fills in the
 defaults and turns jsonschema's errors into one line that names the offending key and where it is.
@@ -13,7 +13,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")  # package data: installs carry it
 
 
 class ConfigError(Exception):

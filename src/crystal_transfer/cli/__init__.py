@@ -1,0 +1,1 @@
+"""Command line: argument parsing; each command calls one stage function."""

@@ -1,0 +1,1 @@
+"""Data: sources, structure parsing, labels, the canonical crystal table and splits."""

@@ -1,0 +1,1 @@
+"""Experiments: the stages that train or use models, each a function the command line calls."""

@@ -1,0 +1,156 @@
+"""Transfer to a new target: freeze a pretrained trunk's embedding and first k convolutions, re-initialise the
+rest, retrain; the from-scratch baseline is the same architecture with nothing copied.
+
+Frozen-trunk caching: the atom features after the frozen layers do not change during training, so they are
+computed once per (source, depth, dataset) by :func:`compute_frozen_features` and served with each batch
+(``GraphBatch.atom_fea``); the model then runs only the layers it trains. Identical numbers, less work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from crystal_transfer.atomic import atomic_path
+from crystal_transfer.graphs.batch import GraphBatch
+from crystal_transfer.graphs.dataset import CrystalItem, GraphDataset, collate_graphs
+from crystal_transfer.models.cgcnn import CGCNN
+
+MODES = ("scratch", "freeze", "finetune")
+
+
+def build_transfer_model(
+    target: str,
+    mode: str,
+    depth: int,
+    seed: int,
+    source: CGCNN | None = None,
+    architecture: dict[str, Any] | None = None,
+) -> CGCNN:
+    """A one-target model for transfer, its parameters initialised from ``seed``.
+
+    ``scratch``: fresh model of ``architecture`` (or the source's). ``freeze``: copy the source's embedding and
+    first ``depth`` convolutions and freeze them; the deeper layers and the head stay freshly initialised.
+    ``finetune``: copy the embedding, every convolution and ``conv_to_fc`` (and hidden layers), train them all;
+    only the output head is new.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    if mode != "scratch" and source is None:
+        raise ValueError(f"mode {mode!r} needs a pretrained source model")
+    args = dict(source.init_args if source is not None else {})
+    args.update(architecture or {})
+    args["targets"] = [target]
+    torch.manual_seed(seed)
+    model = CGCNN(**args)
+    if mode == "scratch":
+        return model
+    assert source is not None
+    if mode == "freeze":
+        if not 1 <= depth <= len(model.convs):
+            raise ValueError(f"freeze depth must be in 1..{len(model.convs)}, not {depth}")
+        modules = [("embedding", model.embedding, source.embedding)] + [
+            (f"convs.{i}", model.convs[i], source.convs[i]) for i in range(depth)
+        ]
+    else:
+        modules = [
+            ("embedding", model.embedding, source.embedding),
+            ("convs", model.convs, source.convs),
+            ("conv_to_fc", model.conv_to_fc, source.conv_to_fc),
+        ]
+        if hasattr(model, "fcs"):
+            modules.append(("fcs", model.fcs, source.fcs))
+    for _, new, old in modules:
+        new.load_state_dict(old.state_dict())
+        if mode == "freeze":
+            for parameter in new.parameters():
+                parameter.requires_grad_(False)
+    if mode == "freeze":
+        model.frozen_depth = depth
+    return model
+
+
+@torch.no_grad()
+def compute_frozen_features(model: CGCNN, depth: int | str, dataset: GraphDataset, batch_size: int = 256,
+                            device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Features of every crystal from a frozen trunk (eval mode), at ``depth``.
+
+    ``depth`` k: atom features after the embedding and the first k convolutions (0: the embedding alone);
+    ``"crystal"``: the pooled crystal vector after ``conv_to_fc`` (one row per crystal). Returns
+    ``{"ids", "offsets", "features", "depth"}``: crystal ``i`` owns rows ``offsets[i]:offsets[i+1]``.
+    """
+    model = model.to(device).eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=dataset.collate)
+    chunks, ids, sizes = [], [], []
+    for batch in loader:
+        batch = batch.to(device)
+        if depth == "crystal":
+            chunks.append(model.crystal_features(batch).float().cpu())
+            sizes.append(torch.ones(batch.num_crystals, dtype=torch.long))
+        else:
+            chunks.append(model.atom_features(batch, depth=int(depth)).float().cpu())
+            sizes.append(torch.bincount(batch.crystal, minlength=batch.num_crystals).cpu())
+        ids.extend(batch.ids)
+    counts = torch.cat(sizes) if sizes else torch.zeros(0, dtype=torch.long)
+    offsets = torch.zeros(len(counts) + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return {"ids": ids, "offsets": offsets, "features": torch.cat(chunks) if chunks else torch.zeros(0, 0),
+            "depth": depth}
+
+
+def save_frozen_features(cache: dict[str, Any], path: str | Path, provenance: dict[str, Any]) -> None:
+    """Write a feature cache (plain tensors, lists and strings: loadable with ``weights_only=True``)."""
+    with atomic_path(path) as tmp:
+        torch.save({**cache, "provenance": provenance}, tmp)
+
+
+def load_frozen_features(path: str | Path) -> dict[str, Any]:
+    """Read a cache written by :func:`save_frozen_features`."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@dataclass
+class CachedItem:
+    """A crystal with its cached frozen atom features."""
+
+    graph: CrystalItem
+    atom_fea: np.ndarray
+
+
+class CachedFeatureDataset(Dataset):
+    """A :class:`GraphDataset` whose batches carry the cached atom features after the frozen layers."""
+
+    def __init__(self, graphs: GraphDataset, cache: dict[str, Any]) -> None:
+        self.graphs = graphs
+        self.depth = int(cache["depth"])
+        row = {crystal_id: index for index, crystal_id in enumerate(cache["ids"])}
+        missing = [i for i in graphs.ids if i not in row]
+        if missing:
+            raise KeyError(f"{len(missing)} crystals have no cached features, e.g. {missing[:3]}; rebuild the cache")
+        self.features = cache["features"].numpy()
+        self.offsets = cache["offsets"].numpy()
+        self.rows = [row[i] for i in graphs.ids]
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    def __getitem__(self, index: int) -> CachedItem:
+        item = self.graphs[index]
+        row = self.rows[index]
+        features = self.features[self.offsets[row] : self.offsets[row + 1]]
+        if len(features) != len(item.numbers):
+            raise ValueError(f"cached features of {item.id} have {len(features)} atoms, the graph {len(item.numbers)}")
+        return CachedItem(item, features)
+
+    def collate(self, items: Sequence[CachedItem]) -> GraphBatch:
+        """A GraphBatch with ``atom_fea`` set to the cached features (``atom_fea_depth`` = frozen depth)."""
+        batch = collate_graphs([item.graph for item in items], cgcnn_padding=self.graphs.settings.cgcnn_padding)
+        batch.atom_fea = torch.from_numpy(np.concatenate([item.atom_fea for item in items]))
+        batch.atom_fea_depth = self.depth
+        return batch

@@ -1,0 +1,1 @@
+"""Crystal graphs: neighbour lists, the shard stage, the shard format, the dataset and batch."""

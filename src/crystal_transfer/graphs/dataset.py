@@ -1,0 +1,258 @@
+"""A PyTorch dataset over graph shards, and the collate that turns crystals into one :class:`GraphBatch`.
+
+Shards are checked (sha256 and graph settings against the manifest) when the dataset is built, only those
+holding a selected crystal, and memory-mapped on first use: a crystal is a set of zero-copy views, so the
+memory in use is bounded by the shard files the selection touches (pages the operating system may drop).
+Labels come from the canonical table; the table must be the one the shards were built from.
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crystal_transfer.graphs.batch import GraphBatch
+from crystal_transfer.graphs.shards import ShardFormatError, map_arrays, read_header
+from crystal_transfer.graphs.stage import (
+    MANIFEST_FILE,
+    REJECTED_FILE,
+    GraphSettings,
+    GraphStageError,
+    file_sha256,
+    read_json,
+    rebuild_command,
+)
+
+
+@dataclass
+class CrystalItem:
+    """One crystal as returned by :class:`GraphDataset` (numpy views into a shard)."""
+
+    id: str
+    numbers: np.ndarray  # (n,) atomic numbers
+    nbr_idx: np.ndarray  # (n, M) neighbour index within the crystal
+    nbr_dist: np.ndarray  # (n, M) float32 distances, Å
+    nbr_count: np.ndarray  # (n,) real neighbour slots per atom
+    targets: np.ndarray  # (T,) float32, NaN where missing
+
+
+def collate_graphs(items: Sequence[CrystalItem], cgcnn_padding: bool = False) -> GraphBatch:
+    """Stack crystals into a :class:`GraphBatch`: flat arrays concatenated, neighbour indices shifted by offsets.
+
+    ``nbr_mask`` is True for real neighbours, or everywhere with ``cgcnn_padding`` (the original code uses
+    padded slots, which point at the crystal's atom 0 at distance radius + 1).
+    """
+    batch_size = len(items)
+    sizes = np.fromiter((len(item.numbers) for item in items), dtype=np.int64, count=batch_size)
+    starts = np.cumsum(sizes) - sizes
+    numbers = np.concatenate([item.numbers for item in items]).astype(np.int64)
+    nbr_idx = np.concatenate([item.nbr_idx for item in items]).astype(np.int64)
+    nbr_idx += np.repeat(starts, sizes)[:, None]
+    nbr_dist = np.concatenate([item.nbr_dist for item in items])
+    if cgcnn_padding:
+        nbr_mask = np.ones(nbr_idx.shape, dtype=bool)
+    else:
+        counts = np.concatenate([item.nbr_count for item in items])
+        nbr_mask = np.arange(nbr_idx.shape[1]) < counts[:, None]
+    targets = np.stack([item.targets for item in items]) if batch_size else np.zeros((0, 0), np.float32)
+    return GraphBatch(
+        numbers=torch.from_numpy(numbers),
+        nbr_idx=torch.from_numpy(nbr_idx),
+        nbr_dist=torch.from_numpy(np.ascontiguousarray(nbr_dist, dtype=np.float32)),
+        nbr_mask=torch.from_numpy(nbr_mask),
+        crystal=torch.from_numpy(np.repeat(np.arange(batch_size, dtype=np.int64), sizes)),
+        num_crystals=batch_size,
+        targets=torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32)),
+        ids=[item.id for item in items],
+    )
+
+
+class GraphDataset(torch.utils.data.Dataset):
+    """Crystals of a graph folder (``results/graphs/<dataset>``), selected by id, with label columns as targets.
+
+    Args:
+        graph_dir: folder holding ``manifest.json`` and the shards.
+        ids: crystals to serve, in this order (default: every crystal of the shards, in table order).
+        targets: label columns of the canonical table, in order; missing values are NaN.
+        table: the canonical table (default: the manifest's); its sha256 must match the manifest's.
+        expected_settings: graph settings the caller needs (e.g. a model's); a mismatch is an error.
+        on_rejected: ``skip`` (warn and leave out) or ``raise`` for selected ids the graph stage rejected.
+
+    Use ``DataLoader(dataset, batch_size=..., collate_fn=dataset.collate)``.
+    """
+
+    def __init__(
+        self,
+        graph_dir: str | Path,
+        ids: Sequence[str] | None = None,
+        targets: Sequence[str] = (),
+        table: str | Path | None = None,
+        expected_settings: GraphSettings | dict[str, Any] | None = None,
+        on_rejected: str = "skip",
+    ) -> None:
+        self.graph_dir = Path(graph_dir)
+        manifest_path = self.graph_dir / MANIFEST_FILE
+        if not manifest_path.is_file():
+            raise GraphStageError(
+                f"no {MANIFEST_FILE} in {self.graph_dir}: build the graphs first (python -m crystal_transfer "
+                f"graphs build --table <crystals.parquet> --dataset <name> --out {self.graph_dir} --config <config>)"
+            )
+        self.manifest = read_json(manifest_path)
+        self.settings = GraphSettings.from_dict(self.manifest["settings"])
+        self._check_expected(expected_settings)
+        self.targets = list(targets)
+        self.skipped: list[str] = []
+        table = Path(table or self.manifest["table"])
+        if file_sha256(table) != self.manifest["table_sha256"]:
+            raise GraphStageError(
+                f"the graphs in {self.graph_dir} were built from another version of {table} (sha256 differs from "
+                f"the manifest's); rebuild them with: {rebuild_command(self.graph_dir, self.manifest)}"
+            )
+        table_ids, labels = self._read_table(table)
+        rejected = self._rejected_ids()
+        row_of = {crystal_id: row for row, crystal_id in enumerate(table_ids)}
+        wanted = [i for i in table_ids if i not in rejected] if ids is None else list(ids)
+        unknown = [i for i in wanted if i not in row_of]
+        if unknown:
+            raise KeyError(f"{len(unknown)} ids are not in {table}, e.g. {', '.join(map(str, unknown[:5]))}")
+        dropped = [i for i in wanted if i in rejected]
+        if dropped:
+            if on_rejected == "raise":
+                raise GraphStageError(
+                    f"{len(dropped)} selected crystals were rejected by the graph stage (see "
+                    f"{self.graph_dir / REJECTED_FILE}), e.g. {', '.join(dropped[:5])}: {rejected[dropped[0]]}"
+                )
+            warnings.warn(
+                f"leaving out {len(dropped)} selected crystals that the graph stage rejected "
+                f"(listed in {self.graph_dir / REJECTED_FILE})",
+                stacklevel=2,
+            )
+            self.skipped = dropped
+            wanted = [i for i in wanted if i not in rejected]
+        self.ids = wanted
+        rows = np.fromiter((row_of[i] for i in wanted), dtype=np.int64, count=len(wanted))
+        self._targets = labels[rows] if len(self.targets) else np.zeros((len(rows), 0), np.float32)
+        row_starts = np.array([entry["rows"][0] for entry in self.manifest["shards"]], dtype=np.int64)
+        self._shard = np.searchsorted(row_starts, rows, side="right") - 1
+        self._position = np.empty(len(rows), dtype=np.int64)
+        for shard in np.unique(self._shard):
+            header = self._verified_header(int(shard))
+            position_of = {crystal_id: k for k, crystal_id in enumerate(header["meta"]["ids"])}
+            members = np.flatnonzero(self._shard == shard)
+            try:
+                self._position[members] = [position_of[wanted[k]] for k in members]
+            except KeyError as exc:
+                raise self._stale(int(shard), f"it does not hold crystal {exc}") from None
+        self._open: dict[int, dict[str, np.ndarray]] = {}
+
+    @classmethod
+    def from_split(
+        cls, graph_dir: str | Path, split_csv: str | Path, part: str, targets: Sequence[str] = (), **kwargs: Any
+    ) -> GraphDataset:
+        """The crystals of one part (``train``, ``val``, ``test``) of a split CSV (``id,split``)."""
+        from crystal_transfer.data.split import read_split
+
+        return cls(graph_dir, ids=read_split(split_csv)[part], targets=targets, **kwargs)
+
+    def _check_expected(self, expected: GraphSettings | dict[str, Any] | None) -> None:
+        if expected is None:
+            return
+        wanted = expected if isinstance(expected, GraphSettings) else GraphSettings.from_dict(expected)
+        wanted_dict = wanted.as_dict()
+        have = self.settings.as_dict()
+        if wanted_dict != have:
+            differences = ", ".join(
+                f"{k}={have[k]!r} (expected {wanted_dict[k]!r})" for k in have if have[k] != wanted_dict[k]
+            )
+            raise GraphStageError(
+                f"the graphs in {self.graph_dir} are stale: built with {differences}; rebuild them with: "
+                f"{rebuild_command(self.graph_dir, {**self.manifest, 'settings': wanted_dict})} "
+                f"(in the workflow: set the graphs section of the config and rerun snakemake)"
+            )
+
+    def _read_table(self, table: Path) -> tuple[list[str], np.ndarray]:
+        import pyarrow.parquet as pq
+
+        from crystal_transfer.data.table import label_values, read_table
+
+        available = pq.read_schema(table).names
+        missing = [t for t in self.targets if t not in available]
+        if missing:
+            raise KeyError(f"{table} has no label {', '.join(missing)} (columns: {', '.join(available)})")
+        data = read_table(table, columns=["id", *self.targets])
+        labels = np.stack([label_values(data, t) for t in self.targets], axis=1) if self.targets else None
+        return data.column("id").to_pylist(), (labels.astype(np.float32) if labels is not None else np.zeros(0))
+
+    def _rejected_ids(self) -> dict[str, str]:
+        path = self.graph_dir / REJECTED_FILE
+        if not path.is_file():
+            return {}
+        with open(path, newline="") as handle:
+            return {row["id"]: f"{row['reason']}: {row['message']}" for row in csv.DictReader(handle)}
+
+    def _stale(self, shard: int, problem: str) -> GraphStageError:
+        path = self.graph_dir / self.manifest["shards"][shard]["file"]
+        return GraphStageError(
+            f"graph shard {path} cannot be used: {problem}; rebuild it with: "
+            f"{rebuild_command(self.graph_dir, self.manifest, [shard])}"
+        )
+
+    def _verified_header(self, shard: int) -> dict[str, Any]:
+        entry = self.manifest["shards"][shard]
+        path = self.graph_dir / entry["file"]
+        if not path.is_file():
+            raise self._stale(shard, "the file is missing")
+        digest = file_sha256(path)
+        if digest != entry["sha256"]:
+            raise self._stale(
+                shard, f"it is corrupted or was replaced (sha256 {digest[:12]}…, manifest {entry['sha256'][:12]}…)"
+            )
+        try:
+            header = read_header(path)
+        except ShardFormatError as exc:
+            raise self._stale(shard, str(exc)) from None
+        meta = header["meta"]
+        if meta["settings"] != self.manifest["settings"] or meta["table_sha256"] != self.manifest["table_sha256"]:
+            raise self._stale(
+                shard, "it was built with other graph settings or from another table than the manifest says"
+            )
+        return header
+
+    def _arrays(self, shard: int) -> dict[str, np.ndarray]:
+        arrays = self._open.get(shard)
+        if arrays is None:
+            arrays = map_arrays(self.graph_dir / self.manifest["shards"][shard]["file"])
+            self._open[shard] = arrays
+        return arrays
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> CrystalItem:
+        arrays = self._arrays(int(self._shard[index]))
+        position = int(self._position[index])
+        a0, a1 = arrays["atom_ptr"][position], arrays["atom_ptr"][position + 1]
+        return CrystalItem(
+            id=self.ids[index],
+            numbers=arrays["numbers"][a0:a1],
+            nbr_idx=arrays["nbr_idx"][a0:a1],
+            nbr_dist=arrays["nbr_dist"][a0:a1],
+            nbr_count=arrays["nbr_count"][a0:a1],
+            targets=self._targets[index],
+        )
+
+    def collate(self, items: Sequence[CrystalItem]) -> GraphBatch:
+        """:func:`collate_graphs` with this dataset's padding convention."""
+        return collate_graphs(items, cgcnn_padding=self.settings.cgcnn_padding)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_open"] = {}  # memory maps are reopened in the receiving process (DataLoader workers)
+        return state

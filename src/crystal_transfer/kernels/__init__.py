@@ -1,0 +1,1 @@
+"""Native C kernels: the gated convolution's edge loops and the neighbour search, compiled on first use."""

@@ -1,0 +1,1 @@
+"""Models: CGCNN and attention layers, the saved-model format, the published checkpoints."""

@@ -1,0 +1,202 @@
+"""One saved-model format for every model of the project: a folder with plain weights and a JSON card.
+
+Layout of ``<folder>/``:
+
+- ``weights.pt``: the state dict (plain tensors only) written by ``torch.save``; read with
+  ``torch.load(..., weights_only=True)``, so loading never unpickles arbitrary objects.
+- ``model.json``: ``format`` / ``format_version``; ``architecture`` {``class``, ``init_args``};
+  ``graph_settings`` {radius, max_num_nbr, cgcnn_padding, gaussian_min, gaussian_step, gaussian_width};
+  ``normalizers`` {target: {mean, std, transform, unit}}; ``training`` (free-form config);
+  ``data_fingerprint`` {``sha256`` of the sorted training ids joined by newlines, ``num_ids``} or null;
+  ``provenance`` (free-form, e.g. the published checkpoint a model was converted from);
+  ``weights_sha256`` (checked on load).
+
+``weights.pt`` is written first and ``model.json`` last, each atomically: a folder whose ``model.json``
+is missing, or names other weights, is an unfinished save and fails to load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crystal_transfer.atomic import atomic_path, sha256_file, write_json
+from crystal_transfer.graphs.batch import GraphBatch
+from crystal_transfer.models.cgcnn import CGCNN
+from crystal_transfer.training.normalizer import Normalizer
+
+FORMAT = "crystal_transfer.models.saved"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.pt"
+CARD_FILE = "model.json"
+MODEL_CLASSES: dict[str, type[CGCNN]] = {"CGCNN": CGCNN}
+# Settings the graph shards must share with the model; the Gaussian settings are the model's own.
+GRAPH_KEYS = ("radius", "max_num_nbr", "cgcnn_padding")
+GAUSSIAN_KEYS = ("gaussian_min", "gaussian_step", "gaussian_width")
+_REBUILD_HINT = {
+    "radius": "rebuild graphs with radius={model}",
+    "max_num_nbr": "rebuild graphs with max_num_nbr={model}",
+    "cgcnn_padding": "rebuild graphs with cgcnn_padding={model}",
+}
+
+
+class GraphSettingsMismatch(ValueError):
+    """The graphs were built with settings other than those the model was trained with."""
+
+
+def fingerprint_ids(ids: Iterable[str]) -> str:
+    """sha256 (hex) of the sorted, de-duplicated ids joined by newlines: the identity of a training set."""
+    return hashlib.sha256("\n".join(sorted(set(map(str, ids)))).encode()).hexdigest()
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def check_graph_settings(model_settings: Mapping[str, Any], data_settings: Mapping[str, Any]) -> None:
+    """Raise :class:`GraphSettingsMismatch` naming every setting in which the graphs differ from the model.
+
+    ``radius``, ``max_num_nbr`` and ``cgcnn_padding`` must be present in both; Gaussian settings are compared
+    when the graphs record them.
+    """
+    problems = []
+    for key in GRAPH_KEYS:
+        if key not in model_settings:
+            raise KeyError(f"model graph settings lack {key!r}")
+        if key not in data_settings:
+            problems.append(
+                f"the graphs do not record {key} (the model was trained with {key}={model_settings[key]!r})"
+            )
+        elif not _same(model_settings[key], data_settings[key]):
+            hint = _REBUILD_HINT[key].format(model=model_settings[key])
+            problems.append(
+                f"model was trained with {key}={model_settings[key]!r} but the graphs use "
+                f"{key}={data_settings[key]!r}; {hint} or use a matching model"
+            )
+    for key in GAUSSIAN_KEYS:
+        if key in data_settings and key in model_settings and not _same(model_settings[key], data_settings[key]):
+            problems.append(
+                f"model was trained with {key}={model_settings[key]!r} but the graphs use "
+                f"{key}={data_settings[key]!r}; use a model trained with matching edge features"
+            )
+    if problems:
+        raise GraphSettingsMismatch("; ".join(problems))
+
+
+
+
+@dataclass
+class SavedModel:
+    """A model with everything needed to use it correctly: graph settings, normalisers, provenance."""
+
+    model: CGCNN
+    graph_settings: dict[str, Any]
+    normalizers: dict[str, Normalizer]
+    training: dict[str, Any] = field(default_factory=dict)
+    data_fingerprint: dict[str, Any] | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def predict(self, batch: GraphBatch) -> dict[str, torch.Tensor]:
+        """Predictions in physical units (e.g. eV/atom, GPa) per target, in eval mode; (B,) each."""
+        self.model.eval()
+        outputs = self.model(batch)
+        return {name: self.normalizers[name].to_physical(outputs[:, i]) for i, name in enumerate(self.model.targets)}
+
+
+def model_graph_settings(model: CGCNN, radius: float, max_num_nbr: int, cgcnn_padding: bool) -> dict[str, Any]:
+    """The graph settings of ``model`` trained on graphs built with ``radius``, ``max_num_nbr``, padding."""
+    if not _same(float(radius), model.radius):
+        raise ValueError(f"graphs use radius={radius} but the model's Gaussians end at radius={model.radius}")
+    return {
+        "radius": float(radius),
+        "max_num_nbr": int(max_num_nbr),
+        "cgcnn_padding": bool(cgcnn_padding),
+        "gaussian_min": model.gaussian_min,
+        "gaussian_step": model.gaussian_step,
+        "gaussian_width": model.gaussian_width,
+    }
+
+
+def save_model(
+    folder: str | Path,
+    model: CGCNN,
+    graph_settings: Mapping[str, Any],
+    normalizers: Mapping[str, Normalizer],
+    training: Mapping[str, Any] | None = None,
+    train_ids: Iterable[str] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save ``model`` into ``folder`` (created if needed) and return the folder.
+
+    ``graph_settings`` come from :func:`model_graph_settings`; ``normalizers`` must cover every target;
+    ``train_ids`` (the ids the model was fitted on) are stored as a fingerprint only.
+    """
+    folder = Path(folder)
+    class_name = type(model).__name__
+    if MODEL_CLASSES.get(class_name) is not type(model):
+        raise TypeError(f"cannot save a {class_name}: known model classes are {sorted(MODEL_CLASSES)}")
+    missing = [name for name in model.targets if name not in normalizers]
+    if missing:
+        raise ValueError(f"no normaliser for targets {missing}")
+    missing_keys = [key for key in (*GRAPH_KEYS, *GAUSSIAN_KEYS) if key not in graph_settings]
+    if missing_keys:
+        raise ValueError(f"graph settings lack {missing_keys}")
+    ids = None if train_ids is None else list(train_ids)
+    state = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        torch.save(state, tmp)
+        weights_sha256 = sha256_file(tmp)
+    card = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": {"class": class_name, "init_args": model.init_args},
+        "graph_settings": dict(graph_settings),
+        "normalizers": {name: normalizers[name].as_dict() for name in model.targets},
+        "training": dict(training or {}),
+        "data_fingerprint": None if ids is None else {"sha256": fingerprint_ids(ids), "num_ids": len(set(ids))},
+        "provenance": dict(provenance or {}),
+        "weights_sha256": weights_sha256,
+    }
+    write_json(folder / CARD_FILE, json.loads(json.dumps(card)))
+    return folder
+
+
+def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> SavedModel:
+    """Load a folder written by :func:`save_model` (weights through ``weights_only=True``), in eval mode."""
+    folder = Path(folder)
+    card_path = folder / CARD_FILE
+    if not card_path.is_file():
+        raise FileNotFoundError(f"{card_path} is missing: not a saved model, or an unfinished save")
+    card = json.loads(card_path.read_text())
+    if card.get("format") != FORMAT or card.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{card_path}: unknown format {card.get('format')!r} v{card.get('format_version')!r}")
+    weights_path = folder / WEIGHTS_FILE
+    if sha256_file(weights_path) != card["weights_sha256"]:
+        raise ValueError(f"{weights_path} does not match the sha256 in {card_path} (unfinished or altered save)")
+    class_name = card["architecture"]["class"]
+    if class_name not in MODEL_CLASSES:
+        raise ValueError(f"{card_path}: unknown model class {class_name!r}")
+    model = MODEL_CLASSES[class_name](**card["architecture"]["init_args"])
+    model.load_state_dict(torch.load(weights_path, map_location=map_location, weights_only=True))
+    model.to(map_location).eval()
+    return SavedModel(
+        model=model,
+        graph_settings=card["graph_settings"],
+        normalizers={name: Normalizer.from_dict(data) for name, data in card["normalizers"].items()},
+        training=card["training"],
+        data_fingerprint=card["data_fingerprint"],
+        provenance=card["provenance"],
+    )

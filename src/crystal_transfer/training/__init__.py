@@ -1,0 +1,1 @@
+"""Training: the Trainer and the target normaliser."""

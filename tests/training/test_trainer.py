@@ -1,0 +1,230 @@
+"""The trainer and transfer runs on real crystals: resume after SIGKILL, frozen-feature caching, freezing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import REPO, subprocess_env
+
+TRAIN = {"epochs": 4, "batch_size": 32, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "device": "cpu"}
+ARCH = {"atom_fea_len": 32, "n_conv": 3, "h_fea_len": 16, "n_h": 1}
+
+
+def transfer_command(paths: dict[str, Path], out: Path, *extra: str, epochs: int = 4) -> list[str]:
+    spec = json.dumps({"train": {**TRAIN, "epochs": epochs}, "architecture": ARCH})
+    return [
+        sys.executable,
+        "-m",
+        "crystal_transfer",
+        "transfer",
+        "--target",
+        "band_gap",
+        "--graphs",
+        str(paths["graphs"]),
+        "--table",
+        str(paths["table"]),
+        "--split",
+        str(paths["split"]),
+        "--spec",
+        spec,
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def run(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=subprocess_env())
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_killed_run_resumes_to_the_same_final_metrics(matminer_graphs: dict[str, Path], tmp_path: Path) -> None:
+    scratch = ["--name", "scratch", "--mode", "scratch", "--seed", "3"]
+    epochs = 6
+    run(transfer_command(matminer_graphs, tmp_path / "whole", *scratch, epochs=epochs))
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen(
+        transfer_command(matminer_graphs, killed_dir, *scratch, epochs=epochs),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    metrics = killed_dir / "metrics.csv"
+    while time.time() < deadline:  # wait until two epochs are done, then kill it during the third
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done_before_kill = len(pd.read_csv(metrics))
+    assert 2 <= done_before_kill < epochs, "the kill must land mid-run"
+    assert not (killed_dir / "test.json").exists()
+    run(transfer_command(matminer_graphs, killed_dir, *scratch, epochs=epochs))
+    whole = pd.read_csv(tmp_path / "whole" / "metrics.csv").drop(columns=["seconds"])
+    resumed = pd.read_csv(metrics).drop(columns=["seconds"])
+    pd.testing.assert_frame_equal(whole, resumed)
+    first = json.loads((tmp_path / "whole" / "test.json").read_text())
+    second = json.loads((killed_dir / "test.json").read_text())
+    # same to float rounding (CPU kernels may sum in another order across processes)
+    assert second["test_mae"] == pytest.approx(first["test_mae"], rel=1e-6)
+    assert first["best_epoch"] == second["best_epoch"]
+
+
+@pytest.fixture(scope="module")
+def source_model(matminer_graphs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small formation-energy model trained here (the trunk to transfer from)."""
+    out = tmp_path_factory.mktemp("source")
+    spec = {
+        "kind": "train",
+        "dataset": "matminer",
+        "targets": ["formation_energy_per_atom"],
+        "subsample": 300,
+        "val": 0.2,
+        "test": 0.2,
+        "seed": 0,
+        "conv_type": "gated",
+        "train": {**TRAIN, "epochs": 2},
+        "architecture": ARCH,
+    }
+    run(
+        [
+            sys.executable,
+            "-m",
+            "crystal_transfer",
+            "pretrain",
+            "--name",
+            "fe",
+            "--spec",
+            json.dumps(spec),
+            "--table",
+            str(matminer_graphs["table"]),
+            "--graphs",
+            str(matminer_graphs["graphs"]),
+            "--out",
+            str(out),
+        ]
+    )
+    return out / "model"
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_cached_frozen_features_give_the_same_metrics(matminer_graphs, source_model, tmp_path, depth) -> None:
+    cache = tmp_path / f"cache{depth}.pt"
+    run(
+        [
+            sys.executable,
+            "-m",
+            "crystal_transfer",
+            "frozen-features",
+            "--source",
+            str(source_model),
+            "--depth",
+            str(depth),
+            "--graphs",
+            str(matminer_graphs["graphs"]),
+            "--table",
+            str(matminer_graphs["table"]),
+            "--split",
+            str(matminer_graphs["split"]),
+            "--out",
+            str(cache),
+        ]
+    )
+    freeze = ["--name", "fe", "--source", str(source_model), "--mode", "freeze", "--depth", str(depth), "--seed", "1"]
+    run(transfer_command(matminer_graphs, tmp_path / "plain", *freeze))
+    run(transfer_command(matminer_graphs, tmp_path / "cached", *freeze, "--cache", str(cache)))
+    plain = pd.read_csv(tmp_path / "plain" / "metrics.csv").drop(columns=["seconds"])
+    cached = pd.read_csv(tmp_path / "cached" / "metrics.csv").drop(columns=["seconds"])
+    pd.testing.assert_frame_equal(plain, cached, rtol=1e-4, atol=1e-6)
+    plain_test = json.loads((tmp_path / "plain" / "test.json").read_text())
+    cached_test = json.loads((tmp_path / "cached" / "test.json").read_text())
+    assert cached_test["test_mae"] == pytest.approx(plain_test["test_mae"], rel=1e-4)
+    assert cached_test["cached"] and not plain_test["cached"]
+
+
+def test_freezing_keeps_the_frozen_layers_and_their_batchnorm(matminer_graphs, source_model, tmp_path) -> None:
+    from crystal_transfer.models.saved import load_model
+
+    freeze = ["--name", "fe", "--source", str(source_model), "--mode", "freeze", "--depth", "2", "--seed", "0"]
+    run(transfer_command(matminer_graphs, tmp_path / "run", *freeze, epochs=2))
+    before = load_model(source_model).model.state_dict()
+    after = load_model(tmp_path / "run" / "model").model.state_dict()
+    for key, value in before.items():
+        frozen = key.startswith("embedding.") or key.startswith(("convs.0.", "convs.1."))
+        if frozen:  # weights and BatchNorm running statistics unchanged
+            assert torch.equal(value, after[key]), key
+    assert not torch.equal(before["convs.2.fc_full.weight"], after["convs.2.fc_full.weight"])
+    result = json.loads((tmp_path / "run" / "test.json").read_text())
+    assert result["trainable_parameters"] < result["parameters"]
+    assert result["depth"] == 2 and result["source"] == "fe"
+
+
+def test_transfer_refuses_graphs_of_another_radius(matminer_graphs, source_model, tmp_path) -> None:
+    card = json.loads((source_model / "model.json").read_text())
+    card["graph_settings"]["radius"] = 6.0
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.json").write_text(json.dumps(card))
+    (other / "weights.pt").write_bytes((source_model / "weights.pt").read_bytes())
+    command = transfer_command(
+        matminer_graphs, tmp_path / "run", "--name", "x", "--source", str(other), "--mode", "freeze", "--depth", "1"
+    )
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=subprocess_env())
+    assert result.returncode == 2
+    assert "was trained with radius=6.0 but the graphs" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_predict_on_cif_folder_tarball_and_table(matminer_graphs, source_model, tmp_path, mp2018_texts) -> None:
+    import tarfile
+
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    ids = list(mp2018_texts)[:20]
+    for crystal_id in ids:
+        (folder / f"{crystal_id}.cif").write_text(mp2018_texts[crystal_id])
+    (folder / "broken.cif").write_text("not a crystal")
+    with tarfile.open(tmp_path / "cifs.tar.gz", "w:gz") as archive:
+        archive.add(folder, arcname="structures")
+    outputs = {}
+    for name, source in (("folder", folder), ("tar", tmp_path / "cifs.tar.gz"), ("table", matminer_graphs["table"])):
+        out = tmp_path / f"{name}.csv"
+        run([sys.executable, "-m", "crystal_transfer", "predict", "--model", str(source_model), "--input", str(source),
+             "--out", str(out)])
+        outputs[name] = pd.read_csv(out, keep_default_na=False)
+    folder_out = outputs["folder"].set_index("id")
+    assert list(outputs["folder"].columns) == ["id", "formation_energy_per_atom (eV/atom)", "error"]
+    assert folder_out.loc["broken", "error"].startswith("unparsable: unparsable cif")
+    good = folder_out.drop(index="broken")
+    assert len(good) == 20 and (good["error"] == "").all()
+    tar_out = outputs["tar"].set_index("id").drop(index="broken")
+    pd.testing.assert_frame_equal(good.sort_index(), tar_out.sort_index())
+    table_out = outputs["table"].set_index("id")
+    assert len(table_out) == 5158
+    # a crystal of the table written out as CIF gets the prediction the table path gives it
+    import pyarrow.parquet as pq
+    from pymatgen.core import Lattice, Structure
+
+    rows = pq.read_table(matminer_graphs["table"]).slice(0, 10).to_pylist()
+    written = tmp_path / "from_table"
+    written.mkdir()
+    for row in rows:
+        structure = Structure(Lattice(np.reshape(row["lattice"], (3, 3))), row["numbers"],
+                              np.reshape(row["frac_coords"], (-1, 3)))
+        structure.to(filename=str(written / f"{row['id']}.cif"))
+    run([sys.executable, "-m", "crystal_transfer", "predict", "--model", str(source_model), "--input", str(written),
+         "--out", str(tmp_path / "written.csv")])
+    again = pd.read_csv(tmp_path / "written.csv").set_index("id")
+    column = "formation_energy_per_atom (eV/atom)"
+    for row in rows:
+        assert again.loc[row["id"], column] == pytest.approx(float(table_out.loc[row["id"], column]), abs=2e-5)
