@@ -17,7 +17,7 @@ import time
 import warnings
 from pathlib import Path
 
-from crystal_transfer.data.table import build_dataset
+from crystal_transfer.data.stage import build_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,11 +23,8 @@ from pathlib import Path
 import torch
 
 from crystal_transfer.data.split import make_split
-from crystal_transfer.experiments.frozen_features import (
-    CachedFeatureDataset,
-    build_transfer_model,
-    compute_frozen_features,
-)
+from crystal_transfer.experiments.frozen_features import CachedFeatureDataset, compute_frozen_features
+from crystal_transfer.experiments.transfer import build_transfer_model
 from crystal_transfer.graphs.dataset import GraphDataset
 from crystal_transfer.models.cgcnn import CGCNN
 from crystal_transfer.training.normalizer import Normalizer

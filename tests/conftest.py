@@ -57,7 +57,7 @@ def mp2018_texts() -> dict[str, str]:
 def matminer_graphs(matminer_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The embedded dataset's table, graphs and a small band-gap split (120 / 60 / 60), built once."""
     from crystal_transfer.data.split import make_split, write_split
-    from crystal_transfer.data.table import build_dataset
+    from crystal_transfer.data.stage import build_dataset
     from crystal_transfer.graphs.stage import GraphSettings, build_graphs
 
     root = tmp_path_factory.mktemp("matminer")

@@ -12,7 +12,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +57,16 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def csv_text(rows: Iterable[dict[str, object]], fieldnames: list[str]) -> str:
-    """Rows as CSV text with a header line (``\\n`` line ends)."""
+def write_csv(
+    target: str | os.PathLike[str], fieldnames: Sequence[str], rows: Iterable[Mapping[str, object] | Sequence[object]]
+) -> None:
+    """Write a header line and ``rows`` as CSV (``\\n`` line ends) to ``target`` atomically.
+
+    A row is a mapping (keyed by the field names; a missing field is written empty) or a sequence in their order.
+    """
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fieldnames, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(fieldnames)
+    for row in rows:
+        writer.writerow([row.get(name, "") for name in fieldnames] if isinstance(row, Mapping) else row)
+    write_text(target, buffer.getvalue())

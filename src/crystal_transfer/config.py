@@ -13,10 +13,12 @@ from typing import Any
 import jsonschema
 import yaml
 
+from crystal_transfer.errors import UserError
+
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")  # package data: installs carry it
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """The config does not follow the schema."""
 
 
@@ -108,3 +110,17 @@ def load_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} does not hold a mapping of keys")
     return validate_config(data)
+
+
+def validate_dataset_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """Validate one dataset's section plus its ``filters`` (the data stage's ``--spec``), defaults filled in."""
+    filters = spec.get("filters", {})
+    sources = {key: value for key, value in spec.items() if key != "filters"}
+    config = validate_config({"datasets": {"spec": sources}, "splits": {}, "filters": filters})
+    return {**config["datasets"]["spec"], "filters": config["filters"]}
+
+
+def validate_source_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """Validate one source entry of a dataset (the fetch stages' ``--spec``), defaults filled in."""
+    config = validate_config({"datasets": {"spec": {"sources": [spec]}}, "splits": {}})
+    return config["datasets"]["spec"]["sources"][0]

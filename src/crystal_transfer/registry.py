@@ -8,9 +8,10 @@ import tempfile
 from pathlib import Path
 
 from crystal_transfer.atomic import sha256_file
+from crystal_transfer.errors import UserError
 
 
-class RegistryDownloadError(RuntimeError):
+class RegistryDownloadError(UserError, RuntimeError):
     """pip could not fetch the file, or it did not have the expected checksum."""
 
 

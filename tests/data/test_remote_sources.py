@@ -38,8 +38,8 @@ from crystal_transfer.data.sources.materials_project import (
 )
 from crystal_transfer.data.sources.oqmd import OqmdQuery, fetch_oqmd
 from crystal_transfer.data.sources.oqmd_mp import OqmdMpSource, oqmd_formulas
+from crystal_transfer.data.stage import build_dataset
 from crystal_transfer.data.structures import AMBIGUOUS_MATCH, INCONSISTENT_MODULI, NON_FINITE_LABEL, Rejection
-from crystal_transfer.data.table import build_dataset
 
 OQMD_COUNT = 160  # entries served by the OQMD stand-in (the first of oqmd1505)
 PAGE = 40

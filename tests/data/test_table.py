@@ -20,7 +20,8 @@ from crystal_transfer.cli.main import main as cli_main
 from crystal_transfer.config import ConfigError, validate_config
 from crystal_transfer.data.sources import SourceError
 from crystal_transfer.data.split import SplitError, make_split, read_split, write_split
-from crystal_transfer.data.table import DataStageError, build_dataset, table_units
+from crystal_transfer.data.stage import DataStageError, build_dataset
+from crystal_transfer.data.table import table_units
 
 FILTERS = {"max_z": 80, "max_rejected_fraction": 1.0}
 

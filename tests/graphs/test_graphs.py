@@ -30,7 +30,7 @@ import torch
 from crystal_transfer.cli.main import main
 from crystal_transfer.config import ConfigError, load_config, validate_config
 from crystal_transfer.data.split import write_split
-from crystal_transfer.data.table import build_dataset
+from crystal_transfer.data.stage import build_dataset
 from crystal_transfer.graphs.dataset import GraphDataset, collate_graphs
 from crystal_transfer.graphs.shards import ShardFormatError, map_arrays, read_header, write_shard
 from crystal_transfer.graphs.stage import (
@@ -519,9 +519,13 @@ def test_corrupted_shard_names_itself_and_the_rebuild_command(sample, tmp_path):
 
 
 def test_stale_settings_and_table_are_refused(sample, default_graphs, tmp_path):
-    with pytest.raises(GraphStageError, match=r"stale: built with radius=8.0 \(expected 6.0\).*graphs build"):
-        GraphDataset(default_graphs, expected_settings={"radius": 6.0})
-    GraphDataset(default_graphs, ids=["mp-2"], expected_settings=GraphSettings())
+    from crystal_transfer.models.saved import GraphSettingsMismatch, check_graph_settings
+
+    built = GraphDataset(default_graphs, ids=["mp-2"]).settings.as_dict()
+    wanted = {**GraphSettings().as_dict(), "radius": 6.0}
+    with pytest.raises(GraphSettingsMismatch, match=r"radius=6.0 but the graphs use radius=8.0; set graphs.radius"):
+        check_graph_settings(wanted, built, graphs=default_graphs)
+    check_graph_settings(GraphSettings().as_dict(), built)
     # A shard from another build (other settings) swapped in, with the manifest's checksum updated to match.
     other = tmp_path / "other"
     build_graphs(sample["table"], other, GraphSettings(radius=6.0), 64, dataset="sample", log=lambda _: None)

@@ -1,38 +1,18 @@
 # Helpers shared by the rules: how config sections map to inputs and command-line arguments.
 
 
-# remote source type -> its parts: (config section, manifest suffix, default cache folder)
-REMOTE_PARTS = {
-    "oqmd": [("oqmd", "oqmd", "oqmd")],
-    "materials_project": [("materials_project", "mp", "materials_project")],
-    "oqmd_mp": [
-        ("oqmd", "oqmd", "oqmd"),
-        ("materials_project", "mp", "materials_project"),
-    ],
-}
+from crystal_transfer.data import spec as data_spec
+from crystal_transfer.report.study import source_label
 
 
 def dataset_spec(dataset):
     """The dataset's config section plus the filters, with the download paths of archives and remote data."""
-    spec = json.loads(json.dumps(config["datasets"][dataset]))
-    for source in spec["sources"]:
-        if source["type"] == "matminer_legacy":
-            source["archive"] = f"{RESULTS}/downloads/matminer-{source['version']}.tar.gz"
-        name = source.get("name", source["type"])
-        for section, suffix, cache in REMOTE_PARTS.get(source["type"], []):
-            part = source.setdefault(section, {})
-            part["cache_dir"] = part.get("cache_dir") or f"{RESULTS}/downloads/{cache}"
-            part["manifest"] = f"{RESULTS}/downloads/{dataset}/{name}.{suffix}.json"
-    spec["filters"] = config["filters"]
-    return spec
+    return data_spec.dataset_spec(config, dataset)
 
 
 def remote_source_spec(dataset, source_name):
     """The config entry of a dataset's remote source, with its cache folders and manifests."""
-    for source in dataset_spec(dataset)["sources"]:
-        if source.get("name", source["type"]) == source_name and source["type"] in REMOTE_PARTS:
-            return source
-    raise ValueError(f"dataset '{dataset}' has no remote source named '{source_name}'")
+    return data_spec.remote_source(dataset_spec(dataset), source_name)
 
 
 def mp_fetch_inputs(wildcards):
@@ -43,15 +23,7 @@ def mp_fetch_inputs(wildcards):
 
 def dataset_inputs(wildcards):
     """Files the data stage of a dataset reads: downloaded archives and local structures and labels."""
-    files = []
-    for source in dataset_spec(wildcards.dataset)["sources"]:
-        if source["type"] == "matminer_legacy":
-            files.append(source["archive"])
-        elif source["type"] == "local":
-            files += [source["path"], source["labels"]]
-        for section, _, _ in REMOTE_PARTS.get(source["type"], []):
-            files.append(source[section]["manifest"])
-    return files
+    return data_spec.input_files(dataset_spec(wildcards.dataset))
 
 
 def graph_shards(wildcards):
@@ -125,24 +97,12 @@ def transfer_results():
     return runs + [f"{base}/scratch/depth0/seed{seed}/test.json" for seed in t["seeds"]]
 
 
-ROLE_LABELS = {
-    "formation_energy": "Formation energy",
-    "bulk_modulus": "Bulk modulus",
-    "shear_modulus": "Shear modulus",
-    "combined": "Combined",
-}
-
-
 def report_spec(results, curves=()):
     """What the report stage reads: the result files, the sources with their labels and study roles."""
     sources = []
     for name in config["transfer"]["sources"]:
-        role = config["pretrain"][name].get("role")
-        label = ROLE_LABELS[role] if role else name
-        if role and config["pretrain"][name]["kind"] == "train":
-            label += " (ours)"
-        label = config["pretrain"][name].get("label") or label
-        sources.append({"name": name, "label": label, "role": role})
+        entry = config["pretrain"][name]
+        sources.append({"name": name, "label": source_label(name, entry), "role": entry.get("role")})
     depths = config["transfer"]["depths"]
     spec = {
         "results": list(results),
@@ -172,10 +132,7 @@ def curve_labels(sources):
     if not curves:
         return {}
     name = curves["source"]
-    label = next((s["label"] for s in sources if s["name"] == name), None)
-    if label is None:
-        role = config["pretrain"][name].get("role")
-        label = config["pretrain"][name].get("label") or (ROLE_LABELS[role] if role else name)
+    label = source_label(name, config["pretrain"][name])
     level = curves["atomsets"]["level"]
     where = "element embedding" if level == 0 else f"after {level} conv layer{'s' if level > 1 else ''}"
     return {

@@ -6,6 +6,8 @@ is not listed here needs its unit given in the source's ``units`` map.
 
 from __future__ import annotations
 
+from crystal_transfer.errors import InputError
+
 KNOWN_UNITS: dict[str, str] = {
     "formation_energy_per_atom": "eV/atom",
     "energy_per_atom": "eV/atom",
@@ -23,7 +25,7 @@ def unit_of(label: str, extra_units: dict[str, str] | None = None) -> str:
         return extra_units[label]
     if label in KNOWN_UNITS:
         return KNOWN_UNITS[label]
-    raise ValueError(
+    raise InputError(
         f"label '{label}' has no known unit: add it to the source's 'units' map "
         f"(known labels: {', '.join(sorted(KNOWN_UNITS))})"
     )

@@ -8,20 +8,20 @@ that order, so the same table, plan and seed always give the same split.
 from __future__ import annotations
 
 import csv
-import io
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from crystal_transfer.atomic import write_text
+from crystal_transfer.atomic import write_csv
 from crystal_transfer.data.table import label_values, read_table
+from crystal_transfer.errors import UserError
 
 PARTS = ("train", "val", "test")
 
 
-class SplitError(Exception):
+class SplitError(UserError):
     """A split plan cannot be satisfied by the table."""
 
 
@@ -72,11 +72,7 @@ def make_split(table_path: str | Path, plan_name: str, plan: dict[str, Any]) -> 
 
 def write_split(split: dict[str, list[str]], out: str | Path) -> None:
     """Write a split as CSV ``id,split`` (atomically)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["id", "split"])
-    writer.writerows((crystal_id, part) for part in PARTS for crystal_id in split[part])
-    write_text(out, buffer.getvalue())
+    write_csv(out, ["id", "split"], ((crystal_id, part) for part in PARTS for crystal_id in split[part]))
 
 
 def read_split(path: str | Path) -> dict[str, list[str]]:
@@ -86,3 +82,13 @@ def read_split(path: str | Path) -> dict[str, list[str]]:
         for row in csv.DictReader(handle):
             result[row["split"]].append(row["id"])
     return result
+
+
+def run(table: str | Path, name: str, plan: dict[str, Any], out: str | Path, log=print) -> dict[str, list[str]]:
+    """The ``split`` stage: the split plan ``name`` of a table, written as ``id,split`` to ``out``."""
+    plan = {"seed": 0, **plan}
+    split = make_split(table, name, plan)
+    write_split(split, out)
+    sizes = " / ".join(f"{len(split[p])} {p}" for p in PARTS)
+    log(f"split '{name}' on label {plan['label']}: {sizes} -> {out}")
+    return split

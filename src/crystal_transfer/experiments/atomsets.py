@@ -8,8 +8,6 @@ the crystal vector it is an MLP. Training is on cached features only, so a learn
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import time
 from dataclasses import dataclass
@@ -20,8 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from crystal_transfer.atomic import atomic_path, write_json, write_text
+from crystal_transfer.atomic import atomic_path, write_csv, write_json
 from crystal_transfer.data.table import label_values, read_table
+from crystal_transfer.errors import InputError, MissingError
+from crystal_transfer.experiments.fit import write_predictions
 from crystal_transfer.training.normalizer import Normalizer
 
 
@@ -44,7 +44,7 @@ class SetModel(nn.Module):
     def __init__(self, in_features: int, hidden: int = 64, pooling: str = "mean") -> None:
         super().__init__()
         if pooling not in ("mean", "sum"):
-            raise ValueError(f"pooling must be 'mean' or 'sum', not {pooling!r}")
+            raise InputError(f"pooling must be 'mean' or 'sum', not {pooling!r}")
         self.pooling = pooling
         self.phi = nn.Sequential(nn.Linear(in_features, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU())
         self.rho = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
@@ -65,7 +65,7 @@ class FeatureSets:
         row = {crystal_id: index for index, crystal_id in enumerate(cache["ids"])}
         missing = [i for i in ids if i not in row]
         if missing:
-            raise KeyError(f"{len(missing)} crystals have no cached features, e.g. {missing[:3]}")
+            raise MissingError(f"{len(missing)} crystals have no cached features, e.g. {missing[:3]}")
         self.features = cache["features"]
         self.offsets = cache["offsets"]
         self.rows = torch.tensor([row[i] for i in ids], dtype=torch.long)
@@ -131,16 +131,14 @@ def train_set_model(cache: dict[str, Any], table: str | Path, split: dict[str, l
             break
     model.load_state_dict(best[2])
     test_mae, predictions = _mae(model, data["test"], normalizer)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    write_text(out_dir / "metrics.csv", buffer.getvalue())
-    lines = ["id,label,target,prediction"] + [
-        f"{i},{target},{float(t):.6g},{float(p):.6g}"
-        for i, t, p in zip(data["test"].ids, data["test"].targets, predictions, strict=True)
-    ]
-    write_text(out_dir / "predictions.csv", "\n".join(lines) + "\n")
+    write_csv(out_dir / "metrics.csv", list(history[0]), history)
+    write_predictions(
+        out_dir / "predictions.csv",
+        [
+            (i, target, float(t), float(p))
+            for i, t, p in zip(data["test"].ids, data["test"].targets, predictions, strict=True)
+        ],
+    )
     with atomic_path(out_dir / "model.pt") as tmp:
         torch.save(model.state_dict(), tmp)
     result = {"mode": "atomsets", "seed": seed, "target": target, "train_size": len(data["train"]),
@@ -149,4 +147,22 @@ def train_set_model(cache: dict[str, Any], table: str | Path, split: dict[str, l
               "parameters": sum(p.numel() for p in model.parameters()),
               "seconds": round(time.perf_counter() - started, 2)}
     write_json(out_dir / "test.json", result)
+    return result
+
+
+def run(name: str, cache: str | Path, table: str | Path, split: str | Path, target: str, spec: dict[str, Any],
+        out: str | Path, seed: int = 0, train_size: int = 0, log=print) -> dict[str, Any]:
+    """The ``atomsets`` stage: a set model on the cached features of source ``name``, one seed and size."""
+    from crystal_transfer.data.split import read_split
+    from crystal_transfer.experiments.frozen_features import load_frozen_features
+
+    settings = SetModelSettings(**spec)
+    parts = read_split(split)
+    if train_size:
+        parts = {**parts, "train": parts["train"][:train_size]}
+    result = train_set_model(load_frozen_features(cache), table, parts, target, settings, seed, out)
+    result["source"] = name
+    write_json(Path(out) / "test.json", result)
+    log(f"AtomSets on {name} features at level {result['level']}: {result['train_size']} training crystals, "
+        f"test MAE {result['test_mae']:.4f} ({result['seconds']} s)")
     return result

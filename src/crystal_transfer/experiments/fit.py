@@ -1,59 +1,32 @@
-"""Training jobs of the pipeline: pretraining a model on a dataset, and one transfer run.
+"""One training run of a CGCNN model on a split, shared by the pretraining and transfer stages.
 
-Both write the same things into their output folder: ``metrics.csv`` (per epoch), ``test.json`` (test MAE
+Every run writes the same things into their output folder: ``metrics.csv`` (per epoch), ``test.json`` (test MAE
 per target and the run's identity), ``predictions.csv`` (test set: id, target, prediction, in the units of the
 MAE) and ``model/`` (the saved model, best on validation).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from crystal_transfer.atomic import write_json, write_text
+from crystal_transfer.atomic import write_csv, write_json
 from crystal_transfer.data.labels import transform_of
-from crystal_transfer.data.table import label_values, read_table, table_units
+from crystal_transfer.data.table import table_units
 from crystal_transfer.graphs.dataset import GraphDataset
 from crystal_transfer.models.cgcnn import CGCNN
-from crystal_transfer.models.saved import fingerprint_ids, load_model, model_graph_settings, save_model
+from crystal_transfer.models.saved import fingerprint_ids, model_graph_settings, save_model
 from crystal_transfer.training.normalizer import Normalizer
 from crystal_transfer.training.trainer import Trainer, TrainSettings
 
 TEST_FILE = "test.json"
 PREDICTIONS_FILE = "predictions.csv"
 MODEL_DIR = "model"
-
-
-def pretrain_split(
-    table_path: str | Path, targets: Sequence[str], subsample: int, val: float, test: float, seed: int
-) -> dict[str, list[str]]:
-    """Ids with at least one target label, sorted, shuffled with ``seed``, optionally subsampled, then cut."""
-    table = read_table(table_path, columns=["id", *targets])
-    ids = np.asarray(table.column("id").to_pylist(), dtype=object)
-    labelled = np.zeros(len(ids), dtype=bool)
-    for target in targets:
-        labelled |= np.isfinite(label_values(table, target))
-    usable = np.sort(ids[labelled].astype(str))
-    order = np.random.default_rng(seed).permutation(len(usable))
-    chosen = usable[order]
-    if subsample:
-        if subsample > len(chosen):
-            raise ValueError(f"subsample={subsample} but only {len(chosen)} crystals have any of {list(targets)}")
-        chosen = chosen[:subsample]
-    n_val, n_test = int(round(val * len(chosen))), int(round(test * len(chosen)))
-    return {
-        "val": chosen[:n_val].tolist(),
-        "test": chosen[n_val : n_val + n_test].tolist(),
-        "train": chosen[n_val + n_test :].tolist(),
-    }
 
 
 def fit_normalizers(dataset: GraphDataset, targets: Sequence[str], units: dict[str, str]) -> list[Normalizer]:
@@ -65,19 +38,21 @@ def fit_normalizers(dataset: GraphDataset, targets: Sequence[str], units: dict[s
 def evaluate(trainer: Trainer, dataset: GraphDataset, out_dir: Path) -> dict[str, float]:
     """Test MAE per target (transformed units) and a predictions CSV."""
     ids, predictions, targets = trainer.predict(dataset)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["id", "label", "target", "prediction"])
-    maes = {}
+    maes, rows = {}, []
     for column, name in enumerate(trainer.targets):
         present = ~torch.isnan(targets[:, column])
         maes[name] = float((predictions[present, column] - targets[present, column]).abs().mean())
-        for index in torch.nonzero(present).flatten().tolist():
-            writer.writerow(
-                [ids[index], name, f"{float(targets[index, column]):.6g}", f"{float(predictions[index, column]):.6g}"]
-            )
-    write_text(out_dir / PREDICTIONS_FILE, buffer.getvalue())
+        rows += [
+            (ids[index], name, float(targets[index, column]), float(predictions[index, column]))
+            for index in torch.nonzero(present).flatten().tolist()
+        ]
+    write_predictions(out_dir / PREDICTIONS_FILE, rows)
     return maes
+
+
+def write_predictions(path: str | Path, rows: Sequence[tuple[str, str, float, float]]) -> None:
+    """The test-set predictions of a run: ``id, label, target, prediction`` (6 significant digits)."""
+    write_csv(path, ["id", "label", "target", "prediction"], ((i, n, f"{t:.6g}", f"{p:.6g}") for i, n, t, p in rows))
 
 
 def run_training(
@@ -139,15 +114,3 @@ def run_training(
     write_json(out_dir / TEST_FILE, result)
     log("test MAE: " + ", ".join(f"{t} {maes[t]:.4f} {result['units'][t]}" for t in targets))
     return result
-
-
-def _unit(target: str, units: dict[str, str]) -> str:
-    unit = units.get(target, "")
-    return f"log10 {unit}" if transform_of(target) == "log10" else unit
-
-
-def source_model(path: str | Path | None) -> CGCNN | None:
-    """The pretrained network of a saved model folder (None for 'none')."""
-    if path in (None, "", "none"):
-        return None
-    return load_model(path).model

@@ -1,7 +1,6 @@
-"""Transfer to a new target: freeze a pretrained trunk's embedding and first k convolutions, re-initialise the
-rest, retrain; the from-scratch baseline is the same architecture with nothing copied.
+"""The ``frozen-features`` stage: a frozen trunk's features, computed once and shared by every seed.
 
-Frozen-trunk caching: the atom features after the frozen layers do not change during training, so they are
+The atom features after the frozen layers do not change during training, so they are
 computed once per (source, depth, dataset) by :func:`compute_frozen_features` and served with each batch
 (``GraphBatch.atom_fea``); the model then runs only the layers it trains. Identical numbers, less work.
 """
@@ -18,62 +17,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from crystal_transfer.atomic import atomic_path
+from crystal_transfer.errors import InputError, MissingError
 from crystal_transfer.graphs.batch import GraphBatch
 from crystal_transfer.graphs.dataset import CrystalItem, GraphDataset, collate_graphs
 from crystal_transfer.models.cgcnn import CGCNN
-
-MODES = ("scratch", "freeze", "finetune")
-
-
-def build_transfer_model(
-    target: str,
-    mode: str,
-    depth: int,
-    seed: int,
-    source: CGCNN | None = None,
-    architecture: dict[str, Any] | None = None,
-) -> CGCNN:
-    """A one-target model for transfer, its parameters initialised from ``seed``.
-
-    ``scratch``: fresh model of ``architecture`` (or the source's). ``freeze``: copy the source's embedding and
-    first ``depth`` convolutions and freeze them; the deeper layers and the head stay freshly initialised.
-    ``finetune``: copy the embedding, every convolution and ``conv_to_fc`` (and hidden layers), train them all;
-    only the output head is new.
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    if mode != "scratch" and source is None:
-        raise ValueError(f"mode {mode!r} needs a pretrained source model")
-    args = dict(source.init_args if source is not None else {})
-    args.update(architecture or {})
-    args["targets"] = [target]
-    torch.manual_seed(seed)
-    model = CGCNN(**args)
-    if mode == "scratch":
-        return model
-    assert source is not None
-    if mode == "freeze":
-        if not 1 <= depth <= len(model.convs):
-            raise ValueError(f"freeze depth must be in 1..{len(model.convs)}, not {depth}")
-        modules = [("embedding", model.embedding, source.embedding)] + [
-            (f"convs.{i}", model.convs[i], source.convs[i]) for i in range(depth)
-        ]
-    else:
-        modules = [
-            ("embedding", model.embedding, source.embedding),
-            ("convs", model.convs, source.convs),
-            ("conv_to_fc", model.conv_to_fc, source.conv_to_fc),
-        ]
-        if hasattr(model, "fcs"):
-            modules.append(("fcs", model.fcs, source.fcs))
-    for _, new, old in modules:
-        new.load_state_dict(old.state_dict())
-        if mode == "freeze":
-            for parameter in new.parameters():
-                parameter.requires_grad_(False)
-    if mode == "freeze":
-        model.frozen_depth = depth
-    return model
 
 
 @torch.no_grad()
@@ -132,7 +79,9 @@ class CachedFeatureDataset(Dataset):
         row = {crystal_id: index for index, crystal_id in enumerate(cache["ids"])}
         missing = [i for i in graphs.ids if i not in row]
         if missing:
-            raise KeyError(f"{len(missing)} crystals have no cached features, e.g. {missing[:3]}; rebuild the cache")
+            raise MissingError(
+                f"{len(missing)} crystals have no cached features, e.g. {missing[:3]}; rebuild the cache"
+            )
         self.features = cache["features"].numpy()
         self.offsets = cache["offsets"].numpy()
         self.rows = [row[i] for i in graphs.ids]
@@ -145,7 +94,7 @@ class CachedFeatureDataset(Dataset):
         row = self.rows[index]
         features = self.features[self.offsets[row] : self.offsets[row + 1]]
         if len(features) != len(item.numbers):
-            raise ValueError(f"cached features of {item.id} have {len(features)} atoms, the graph {len(item.numbers)}")
+            raise InputError(f"cached features of {item.id} have {len(features)} atoms, the graph {len(item.numbers)}")
         return CachedItem(item, features)
 
     def collate(self, items: Sequence[CachedItem]) -> GraphBatch:
@@ -154,3 +103,22 @@ class CachedFeatureDataset(Dataset):
         batch.atom_fea = torch.from_numpy(np.concatenate([item.atom_fea for item in items]))
         batch.atom_fea_depth = self.depth
         return batch
+
+
+def run(source: str | Path, depth: int | str, graphs: str | Path, table: str | Path, split: str | Path,
+        out: str | Path, log=print) -> dict[str, Any]:
+    """The ``frozen-features`` stage: cache ``source``'s features at ``depth`` for every crystal of ``split``."""
+    from crystal_transfer.data.split import read_split
+    from crystal_transfer.models.saved import TRANSFER_KEYS, check_graph_settings, load_model
+
+    saved = load_model(source)
+    parts = read_split(split)
+    dataset = GraphDataset(graphs, ids=parts["train"] + parts["val"] + parts["test"], table=table)
+    check_graph_settings(saved.graph_settings, dataset.settings.as_dict(), keys=TRANSFER_KEYS, graphs=graphs)
+    cache = compute_frozen_features(saved.model, depth, dataset)
+    save_frozen_features(cache, out, {"source": str(source), "depth": depth, "graphs": str(graphs)})
+    log(
+        f"cached atom features after depth {depth} of {source}: {len(cache['ids'])} crystals, "
+        f"{tuple(cache['features'].shape)} -> {out}"
+    )
+    return cache

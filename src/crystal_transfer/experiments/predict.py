@@ -7,15 +7,13 @@ the ``error`` column: nothing is dropped silently.
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from crystal_transfer.atomic import write_text
+from crystal_transfer.atomic import write_csv
 from crystal_transfer.data.sources.local import _crystal_id, structure_files, structure_format
 from crystal_transfer.data.structures import Rejection, parse_crystal
 from crystal_transfer.graphs.dataset import CrystalItem, collate_graphs
@@ -104,9 +102,12 @@ def predict_to_csv(model_dir: str | Path, input_path: str | Path, out: str | Pat
             if len(pending) == BATCH:
                 flush()
         flush()
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header + ["error"])
-    writer.writerows(rows)
-    write_text(out, buffer.getvalue())
+    write_csv(out, header + ["error"], rows)
     return len(rows)
+
+
+def run(model: str | Path, input_path: str | Path, out: str | Path, workers: int = 0, log=print) -> int:
+    """The ``predict`` command: predictions of a saved model for every crystal of ``input_path``."""
+    count = predict_to_csv(model, input_path, out, workers=workers)
+    log(f"wrote {count} predictions -> {out}")
+    return count

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from crystal_transfer.errors import MissingError
 from crystal_transfer.graphs.batch import GraphBatch
 from crystal_transfer.graphs.shards import ShardFormatError, map_arrays, read_header
 from crystal_transfer.graphs.stage import (
@@ -82,7 +83,6 @@ class GraphDataset(torch.utils.data.Dataset):
         ids: crystals to serve, in this order (default: every crystal of the shards, in table order).
         targets: label columns of the canonical table, in order; missing values are NaN.
         table: the canonical table (default: the manifest's); its sha256 must match the manifest's.
-        expected_settings: graph settings the caller needs (e.g. a model's); a mismatch is an error.
         on_rejected: ``skip`` (warn and leave out) or ``raise`` for selected ids the graph stage rejected.
 
     Use ``DataLoader(dataset, batch_size=..., collate_fn=dataset.collate)``.
@@ -94,7 +94,6 @@ class GraphDataset(torch.utils.data.Dataset):
         ids: Sequence[str] | None = None,
         targets: Sequence[str] = (),
         table: str | Path | None = None,
-        expected_settings: GraphSettings | dict[str, Any] | None = None,
         on_rejected: str = "skip",
     ) -> None:
         self.graph_dir = Path(graph_dir)
@@ -106,7 +105,6 @@ class GraphDataset(torch.utils.data.Dataset):
             )
         self.manifest = read_json(manifest_path)
         self.settings = GraphSettings.from_dict(self.manifest["settings"])
-        self._check_expected(expected_settings)
         self.targets = list(targets)
         self.skipped: list[str] = []
         table = Path(table or self.manifest["table"])
@@ -121,7 +119,7 @@ class GraphDataset(torch.utils.data.Dataset):
         wanted = [i for i in table_ids if i not in rejected] if ids is None else list(ids)
         unknown = [i for i in wanted if i not in row_of]
         if unknown:
-            raise KeyError(f"{len(unknown)} ids are not in {table}, e.g. {', '.join(map(str, unknown[:5]))}")
+            raise MissingError(f"{len(unknown)} ids are not in {table}, e.g. {', '.join(map(str, unknown[:5]))}")
         dropped = [i for i in wanted if i in rejected]
         if dropped:
             if on_rejected == "raise":
@@ -161,22 +159,6 @@ class GraphDataset(torch.utils.data.Dataset):
 
         return cls(graph_dir, ids=read_split(split_csv)[part], targets=targets, **kwargs)
 
-    def _check_expected(self, expected: GraphSettings | dict[str, Any] | None) -> None:
-        if expected is None:
-            return
-        wanted = expected if isinstance(expected, GraphSettings) else GraphSettings.from_dict(expected)
-        wanted_dict = wanted.as_dict()
-        have = self.settings.as_dict()
-        if wanted_dict != have:
-            differences = ", ".join(
-                f"{k}={have[k]!r} (expected {wanted_dict[k]!r})" for k in have if have[k] != wanted_dict[k]
-            )
-            raise GraphStageError(
-                f"the graphs in {self.graph_dir} are stale: built with {differences}; rebuild them with: "
-                f"{rebuild_command(self.graph_dir, {**self.manifest, 'settings': wanted_dict})} "
-                f"(in the workflow: set the graphs section of the config and rerun snakemake)"
-            )
-
     def _read_table(self, table: Path) -> tuple[list[str], np.ndarray]:
         import pyarrow.parquet as pq
 
@@ -185,7 +167,7 @@ class GraphDataset(torch.utils.data.Dataset):
         available = pq.read_schema(table).names
         missing = [t for t in self.targets if t not in available]
         if missing:
-            raise KeyError(f"{table} has no label {', '.join(missing)} (columns: {', '.join(available)})")
+            raise MissingError(f"{table} has no label {', '.join(missing)} (columns: {', '.join(available)})")
         data = read_table(table, columns=["id", *self.targets])
         labels = np.stack([label_values(data, t) for t in self.targets], axis=1) if self.targets else None
         return data.column("id").to_pylist(), (labels.astype(np.float32) if labels is not None else np.zeros(0))

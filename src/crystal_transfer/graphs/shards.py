@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from crystal_transfer.atomic import atomic_path
+from crystal_transfer.errors import UserError
 
 MAGIC = b"CTGSHRD1"
 FORMAT = "crystal_transfer graph shard"
@@ -31,7 +32,7 @@ VERSION = 1
 ALIGN = 64
 
 
-class ShardFormatError(Exception):
+class ShardFormatError(UserError):
     """A file is not a readable graph shard (wrong magic, truncated, or an inconsistent header)."""
 
 

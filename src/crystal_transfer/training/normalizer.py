@@ -8,6 +8,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from crystal_transfer.errors import InputError
+
 TRANSFORMS = ("identity", "log10")
 
 ArrayLike = TypeVar("ArrayLike", torch.Tensor, np.ndarray)
@@ -18,7 +20,7 @@ def _log10(values: ArrayLike) -> ArrayLike:
     missing = values != values  # NaN: a missing label stays missing
     bad = ~(positive | missing)
     if bool(bad.any()):
-        raise ValueError(f"log10 transform needs positive values; got {int(bad.sum())} that are <= 0")
+        raise InputError(f"log10 transform needs positive values; got {int(bad.sum())} that are <= 0")
     return torch.log10(values) if isinstance(values, torch.Tensor) else np.log10(values)
 
 
@@ -40,9 +42,9 @@ class Normalizer:
 
     def __post_init__(self) -> None:
         if self.transform not in TRANSFORMS:
-            raise ValueError(f"transform must be one of {TRANSFORMS}, not {self.transform!r}")
+            raise InputError(f"transform must be one of {TRANSFORMS}, not {self.transform!r}")
         if not (np.isfinite(self.mean) and np.isfinite(self.std) and self.std > 0):
-            raise ValueError(f"normaliser needs a finite mean and a positive std, got {self.mean}, {self.std}")
+            raise InputError(f"normaliser needs a finite mean and a positive std, got {self.mean}, {self.std}")
 
     @classmethod
     def fit(cls, values: Any, transform: str = "identity", unit: str = "") -> Normalizer:
@@ -51,7 +53,7 @@ class Normalizer:
         array = array[~np.isnan(array)]
         transformed = _log10(array) if transform == "log10" else array
         if transformed.size < 2:
-            raise ValueError(f"need at least 2 labelled values to fit a normaliser, got {transformed.size}")
+            raise InputError(f"need at least 2 labelled values to fit a normaliser, got {transformed.size}")
         return cls(float(transformed.mean()), float(transformed.std(ddof=1)), transform, unit)
 
     def forward_transform(self, values: ArrayLike) -> ArrayLike:

@@ -8,9 +8,7 @@ epoch ``e - 1`` continues exactly as the uninterrupted run would have (on CPU).
 
 from __future__ import annotations
 
-import csv
 import ctypes
-import io
 import math
 import os
 import sys
@@ -24,7 +22,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from crystal_transfer.atomic import atomic_path, write_text
+from crystal_transfer.atomic import atomic_path, write_csv
+from crystal_transfer.errors import InputError
 from crystal_transfer.graphs.batch import GraphBatch
 from crystal_transfer.models.cgcnn import masked_mse_loss
 from crystal_transfer.training.normalizer import Normalizer
@@ -55,7 +54,7 @@ class TrainSettings:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown training setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+            raise InputError(f"unknown training setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         return cls(**data)
 
 
@@ -102,7 +101,7 @@ def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Opt
         return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
     if settings.optimizer == "adam":
         return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    raise ValueError(f"optimizer must be 'sgd' or 'adam', not {settings.optimizer!r}")
+    raise InputError(f"optimizer must be 'sgd' or 'adam', not {settings.optimizer!r}")
 
 
 def freeze_batchnorm_of_frozen_layers(model: nn.Module) -> None:
@@ -231,11 +230,7 @@ class Trainer:
         return int(state["epoch"]), dict(state["best"]), list(state["history"])
 
     def _write_metrics(self, history: list[dict[str, float]]) -> None:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(history)
-        write_text(self.out_dir / METRICS_FILE, buffer.getvalue())
+        write_csv(self.out_dir / METRICS_FILE, list(history[0]), history)
 
     # -- the loop -----------------------------------------------------------------------------------------------
 

@@ -16,9 +16,10 @@ from typing import Any, ClassVar
 
 from crystal_transfer.atomic import sha256_file as sha256_of  # noqa: F401  (re-exported for the sources)
 from crystal_transfer.data.structures import Rejection
+from crystal_transfer.errors import UserError
 
 
-class SourceError(Exception):
+class SourceError(UserError):
     """A source cannot be read at all (missing file, wrong column map, bad checksum)."""
 
 

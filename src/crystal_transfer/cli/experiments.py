@@ -1,0 +1,120 @@
+"""Commands that train or use models: ``pretrain``, ``frozen-features``, ``transfer``, ``atomsets``, ``predict``,
+and ``report``.
+
+Argument parsing only: each command calls the ``run`` function of the module of its name.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from crystal_transfer.cli.arguments import json_arg, level
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from crystal_transfer.experiments import pretrain
+
+    pretrain.run(args.name, json_arg(args.spec), args.out, table=args.table, graphs=args.graphs)
+    return 0
+
+
+def _cmd_frozen_features(args: argparse.Namespace) -> int:
+    from crystal_transfer.experiments import frozen_features
+
+    frozen_features.run(args.source, args.depth, args.graphs, args.table, args.split, args.out)
+    return 0
+
+
+def _cmd_transfer(args: argparse.Namespace) -> int:
+    from crystal_transfer.experiments import transfer
+
+    transfer.run(
+        args.name, args.source, args.mode, args.depth, args.seed, args.target, args.graphs, args.table, args.split,
+        json_arg(args.spec), args.out, train_size=args.train_size, cache=args.cache,
+    )
+    return 0
+
+
+def _cmd_atomsets(args: argparse.Namespace) -> int:
+    from crystal_transfer.experiments import atomsets
+
+    atomsets.run(
+        args.name, args.cache, args.table, args.split, args.target, json_arg(args.spec), args.out,
+        seed=args.seed, train_size=args.train_size,
+    )
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from crystal_transfer.experiments import predict
+
+    predict.run(args.model, args.input, args.out, workers=args.workers)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from crystal_transfer.report import stage
+
+    stage.run(json_arg(args.spec), args.out)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register the commands that train or use models."""
+    pretrain = sub.add_parser("pretrain", help="convert a published CGCNN checkpoint or train a model on a dataset")
+    pretrain.add_argument("--name", required=True, help="model name (config key under pretrain)")
+    pretrain.add_argument("--spec", required=True, help="the model's config section as JSON (or @file)")
+    pretrain.add_argument("--table", help="canonical table (kind: train)")
+    pretrain.add_argument("--graphs", help="graph folder of the dataset (kind: train)")
+    pretrain.add_argument("--out", required=True, help="output folder (model/, metrics.csv, test.json)")
+    pretrain.set_defaults(func=_cmd_pretrain)
+
+    frozen = sub.add_parser("frozen-features", help="cache the atom features after a frozen trunk's first k layers")
+    frozen.add_argument("--source", required=True, help="saved model folder of the pretrained trunk")
+    frozen.add_argument("--depth", type=level, required=True,
+                        help="frozen convolutions (0: the embedding alone) or 'crystal' (the pooled crystal vector)")
+    frozen.add_argument("--graphs", required=True)
+    frozen.add_argument("--table", required=True)
+    frozen.add_argument("--split", required=True, help="split CSV: features are cached for all its crystals")
+    frozen.add_argument("--out", required=True, help="cache file (.pt)")
+    frozen.set_defaults(func=_cmd_frozen_features)
+
+    transfer = sub.add_parser("transfer", help="one transfer run (or the from-scratch baseline) on a split")
+    transfer.add_argument("--name", required=True, help="name of the source in the results ('scratch' for baseline)")
+    transfer.add_argument("--source", default="none", help="saved model folder of the source, or 'none'")
+    transfer.add_argument("--mode", choices=("scratch", "freeze", "finetune"), required=True)
+    transfer.add_argument("--depth", type=int, default=0, help="frozen convolutions (mode freeze)")
+    transfer.add_argument("--seed", type=int, default=0)
+    transfer.add_argument("--target", required=True, help="label to learn, e.g. band_gap")
+    transfer.add_argument("--graphs", required=True)
+    transfer.add_argument("--table", required=True)
+    transfer.add_argument("--split", required=True)
+    transfer.add_argument("--train-size", type=int, default=0, help="use only the first N training crystals")
+    transfer.add_argument("--cache", help="frozen-feature cache of the source at --depth")
+    transfer.add_argument("--spec", required=True, help='{"train": {...}, "architecture": {...}} as JSON')
+    transfer.add_argument("--out", required=True)
+    transfer.set_defaults(func=_cmd_transfer)
+
+    atomsets = sub.add_parser("atomsets", help="train a small set model on a frozen trunk's cached features")
+    atomsets.add_argument("--name", required=True, help="name of the source model")
+    atomsets.add_argument("--cache", required=True, help="frozen-feature cache (frozen-features --depth k|crystal)")
+    atomsets.add_argument("--table", required=True)
+    atomsets.add_argument("--split", required=True)
+    atomsets.add_argument("--target", required=True)
+    atomsets.add_argument("--train-size", type=int, default=0, help="use only the first N training crystals")
+    atomsets.add_argument("--seed", type=int, default=0)
+    atomsets.add_argument("--spec", default="{}", help="set-model settings as JSON (hidden, pooling, epochs, lr...)")
+    atomsets.add_argument("--out", required=True)
+    atomsets.set_defaults(func=_cmd_atomsets)
+
+    predict = sub.add_parser("predict", help="predict with any saved model")
+    predict.add_argument("--model", required=True, help="saved model folder")
+    predict.add_argument("--input", required=True, help="CIF/POSCAR folder, .tar/.tar.gz, or crystals.parquet")
+    predict.add_argument("--out", required=True, help="CSV: id, one column per target in physical units")
+    predict.add_argument("--workers", type=int, default=0)
+    predict.set_defaults(func=_cmd_predict)
+
+    report = sub.add_parser("report", help="Tables 2 and 3, loss curves, attention figure, parity plot")
+    report.add_argument("--spec", required=True, help="JSON (or @file) naming the jobs' result files")
+    report.add_argument("--out", required=True, help="output folder, e.g. results/report")
+    report.set_defaults(func=_cmd_report)

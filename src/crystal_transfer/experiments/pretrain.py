@@ -1,0 +1,73 @@
+"""The ``pretrain`` stage: convert a published CGCNN checkpoint, or train a model on a dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crystal_transfer.data.table import label_values, read_table
+from crystal_transfer.errors import InputError
+from crystal_transfer.experiments.fit import MODEL_DIR, run_training
+from crystal_transfer.models.cgcnn import CGCNN
+from crystal_transfer.training.trainer import TrainSettings
+
+
+def pretrain_split(
+    table_path: str | Path, targets: Sequence[str], subsample: int, val: float, test: float, seed: int
+) -> dict[str, list[str]]:
+    """Ids with at least one target label, sorted, shuffled with ``seed``, optionally subsampled, then cut."""
+    table = read_table(table_path, columns=["id", *targets])
+    ids = np.asarray(table.column("id").to_pylist(), dtype=object)
+    labelled = np.zeros(len(ids), dtype=bool)
+    for target in targets:
+        labelled |= np.isfinite(label_values(table, target))
+    usable = np.sort(ids[labelled].astype(str))
+    order = np.random.default_rng(seed).permutation(len(usable))
+    chosen = usable[order]
+    if subsample:
+        if subsample > len(chosen):
+            raise InputError(f"subsample={subsample} but only {len(chosen)} crystals have any of {list(targets)}")
+        chosen = chosen[:subsample]
+    n_val, n_test = int(round(val * len(chosen))), int(round(test * len(chosen)))
+    return {
+        "val": chosen[:n_val].tolist(),
+        "test": chosen[n_val : n_val + n_test].tolist(),
+        "train": chosen[n_val + n_test :].tolist(),
+    }
+
+
+def run(name: str, spec: dict[str, Any], out: str | Path, table: str | Path | None = None,
+        graphs: str | Path | None = None, log=print) -> None:
+    """The ``pretrain`` stage for the model ``name`` of the config's ``pretrain`` section (``spec``)."""
+    out = Path(out)
+    if spec["kind"] == "published":
+        from crystal_transfer.models.published import convert
+
+        convert(spec["checkpoint"], out / MODEL_DIR)
+        log(f"pretrained model '{name}': published CGCNN checkpoint {spec['checkpoint']} -> {out / MODEL_DIR}")
+        return
+    if not (table and graphs):
+        raise InputError("a model of kind 'train' needs --table and --graphs")
+    targets = list(spec["targets"])
+    split = pretrain_split(
+        table, targets, spec.get("subsample", 0), spec.get("val", 0.1), spec.get("test", 0.1), spec.get("seed", 0)
+    )
+    settings = TrainSettings.from_dict({**spec["train"], "seed": spec.get("seed", 0)})
+    torch.manual_seed(settings.seed)
+    model = CGCNN(targets=targets, conv_type=spec.get("conv_type", "gated"), **spec["architecture"])
+    record = {
+        "name": name,
+        "kind": "pretrain",
+        "dataset": spec["dataset"],
+        "subsample": spec.get("subsample", 0),
+        "conv_type": model.conv_type,
+    }
+    log(
+        f"pretraining '{name}' ({model.conv_type}, {model.parameter_count():,} parameters) on "
+        f"{len(split['train'])} / {len(split['val'])} / {len(split['test'])} crystals, targets {targets}"
+    )
+    run_training(model, graphs, table, split, settings, out, record, log=log)
