@@ -1,5 +1,5 @@
 # The report: Tables 2 and 3, loss curves (Figure 5), attention vs gated (Figure 6) and a parity plot under
-# results/report/; `snakemake --report results/report.html` gathers them into one HTML page.
+# results/report/; `snakemake --report results/<config>/report.html` gathers them into one HTML page.
 
 
 rule report:

@@ -1,12 +1,12 @@
 """Compiled CPU kernels, built with the machine's C compiler on first use and loaded with ``ctypes``.
 
 Two libraries, each compiled once per machine, compiler and source into a cache directory (no PyTorch headers,
-so a build takes about half a second):
+so a build is quick):
 
 - ``gated`` (``gated_kernels.c``, :func:`kernels`): the gated convolution's edge part. PyTorch runs CGCNN's
   BatchNorm, sigmoid, softplus, product, neighbour sum and their gradients as one pass over the (atoms × 12 × 128)
-  edge tensor per operation, and its CPU ``softplus``, ``exp`` and ``log`` are slow on some machines (0.6–1 ns per
-  element on this project's AMD EPYC, against 0.25 for ``sigmoid``); the library does those passes in five
+  edge tensor per operation, and its CPU ``softplus``, ``exp`` and ``log`` are slow on some machines (figures in
+  benchmarks/README.md); the library does those passes in five
   vectorised loops (``-O3 -march=native -ffast-math``);
 - ``neighbours`` (``neighbour_kernels.c``, :func:`neighbour_kernels`): periodic neighbour lists with CGCNN's
   selection rules for the graphs stage (``-O2 -ffp-contract=off``, strict IEEE arithmetic without fused
@@ -18,8 +18,8 @@ the whole process to flush-to-zero arithmetic (every float32 subnormal in NumPy 
 
 Where no C compiler works (or with ``CRYSTAL_TRANSFER_NATIVE=0``) a library is None, ``unavailable_reason()`` says
 why, and the callers keep their Python paths (``model._GatedMessages``, pymatgen's neighbour search): the same
-numbers to float rounding, slower. The cache directory is ``$CRYSTAL_TRANSFER_CACHE/native``, else
-``~/.cache/crystal_transfer/native``; where that cannot be written, the system's temporary directory.
+numbers to float rounding, slower. The cache directory is ``native/`` in the project's cache folder
+(:mod:`crystal_transfer.cache`); where that cannot be written, the system's temporary directory.
 """
 
 from __future__ import annotations

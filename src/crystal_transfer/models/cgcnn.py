@@ -196,7 +196,7 @@ class _GatedMessages(torch.autograd.Function):
         d_nbr = None
         if ctx.needs_input_grad[1]:
             d_nbr = d_z.new_zeros(n_atoms, d_z.shape[1]).index_add_(0, nbr_idx.reshape(-1), d_z)
-        # (g, N·M)·(N·M, 2a) then transposed: about 25 % faster than (2a, N·M)·(N·M, g) on CPU for g = 41
+        # (g, N·M)·(N·M, 2a) then transposed: the faster of the two orders on CPU for g = 41 (measured)
         d_edge_weight = edge_fea.t().mm(d_z).t() if ctx.needs_input_grad[3] else None
         d_bn_weight = sum_dy_xhat if ctx.needs_input_grad[4] else None
         d_bn_bias = sum_dy if ctx.needs_input_grad[5] else None
@@ -611,8 +611,7 @@ class CGCNN(nn.Module):
         """Gaussian-expanded (N, M, n_gaussians) edge features of (N, M) distances in Å.
 
         With the compiled kernels (float32 on the CPU, every layer a gated one with ``native`` set) one C pass
-        (``ct_gaussian_expand``, the same zeros) instead of PyTorch's eight: 0.35 ms against 2.6 ms per batch of
-        20,000 edges here.
+        (``ct_gaussian_expand``, the same zeros) instead of PyTorch's eight operations.
         """
         distances = nbr_dist.to(self.gaussian_centres.dtype)
         lib = native.kernels() if self._native_expansion(distances) else None

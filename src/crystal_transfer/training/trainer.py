@@ -68,8 +68,7 @@ def tune_allocator() -> bool:
 
     glibc serves blocks above its mmap threshold with ``mmap`` and gives them back with ``munmap``, so every
     (atoms × 12 × 128) edge tensor of a CGCNN step (about 10 MB for 64 crystals) is a new mapping whose pages
-    are faulted in and zeroed by the kernel: on this project's machine an out-of-place elementwise op on such a
-    tensor took 1.19 ms against 0.37 ms with the pages reused, and a training step about 10 % longer. Raising
+    are faulted in and zeroed by the kernel, which costs a training step measurably (benchmarks/README.md). Raising
     the mmap threshold to its maximum (32 MB on 64-bit) and the trim threshold to 1 GiB keeps freed blocks for
     reuse; the cost is that up to 1 GiB of freed memory stays with the process. Process-wide, idempotent;
     does nothing off Linux/glibc or with ``CRYSTAL_TRANSFER_MALLOC_TUNING=0``. Returns whether it applied.
