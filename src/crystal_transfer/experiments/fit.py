@@ -19,6 +19,7 @@ from crystal_transfer.atomic import write_csv, write_json
 from crystal_transfer.data.labels import transform_of
 from crystal_transfer.data.table import table_units
 from crystal_transfer.graphs.dataset import GraphDataset
+from crystal_transfer.kernels import native
 from crystal_transfer.models.cgcnn import CGCNN
 from crystal_transfer.models.saved import fingerprint_ids, model_graph_settings, save_model
 from crystal_transfer.training.normalizer import Normalizer
@@ -79,6 +80,7 @@ def run_training(
     fingerprint = fingerprint_ids(split["train"]) + json.dumps(record, sort_keys=True)
     collate = data["train"].collate
     trainer = Trainer(model, normalizers, settings, out_dir, collate, log=log, run_fingerprint=fingerprint)
+    log(f"model backend: {model.backend}" + (f" ({native.describe()})" if model.backend == "compiled" else ""))
     started = time.perf_counter()
     fit = trainer.fit(data["train"], data["val"])
     maes = evaluate(trainer, data["test"], out_dir)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from crystal_transfer.atomic import atomic_path, write_csv
 from crystal_transfer.errors import InputError
 from crystal_transfer.graphs.batch import GraphBatch
-from crystal_transfer.models.cgcnn import masked_mse_loss
+from crystal_transfer.training.losses import masked_mse_loss
 from crystal_transfer.training.normalizer import Normalizer
 
 CHECKPOINT_FILE = "last.pt"
