@@ -101,6 +101,11 @@ def _cmd_graphs(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register the data-side commands."""
+    for add in (_add_fetch, _add_data, _add_split, _add_graphs):
+        add(sub)
+
+
+def _add_fetch(sub: argparse._SubParsersAction) -> None:
     fetch = sub.add_parser("fetch-matminer", help="download the matminer source archive (no install) and verify it")
     fetch.add_argument("--out", required=True, help="where to put matminer-<version>.tar.gz")
     fetch.add_argument("--version", default="0.3.9")
@@ -121,6 +126,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         fetch_part.add_argument("--out", required=True, help="manifest to write")
         fetch_part.set_defaults(func=_cmd_fetch_remote, part=part)
 
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser(
         "data",
         help="build a dataset's canonical crystal table",
@@ -149,6 +156,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     data.add_argument("--workers", type=int, default=0, help="parser processes (0: one per core)")
     data.set_defaults(func=_cmd_data)
 
+
+def _add_split(sub: argparse._SubParsersAction) -> None:
     split = sub.add_parser("split", help="write a deterministic train/val/test split of a table")
     split.add_argument("--table", required=True, help="crystals.parquet of the dataset")
     split.add_argument("--name", required=True, help="name of the split plan")
@@ -157,6 +166,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     split.add_argument("--out", required=True, help="CSV to write (id,split)")
     split.set_defaults(func=_cmd_split)
 
+
+def _add_graphs(sub: argparse._SubParsersAction) -> None:
     graphs = sub.add_parser(
         "graphs",
         help="turn a canonical table into crystal-graph shards",

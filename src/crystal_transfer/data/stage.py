@@ -164,6 +164,7 @@ def build_dataset(
     ``spec`` is the dataset's config section plus ``filters`` (``max_z``, ``max_rejected_fraction``).
     Returns the summary. Raises :class:`DataStageError` when too much is rejected.
     """
+    # long: the stage's steps in reading order (read, parse, de-duplicate, check, write), one rejection record
     started = time.perf_counter()
     out_dir = Path(out_dir)
     filters = spec["filters"]

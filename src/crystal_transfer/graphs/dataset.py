@@ -96,6 +96,7 @@ class GraphDataset(torch.utils.data.Dataset):
         table: str | Path | None = None,
         on_rejected: str = "skip",
     ) -> None:
+        # long: each check of the graphs against the table and the selection names its own fix
         self.graph_dir = Path(graph_dir)
         manifest_path = self.graph_dir / MANIFEST_FILE
         if not manifest_path.is_file():

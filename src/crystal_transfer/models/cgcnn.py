@@ -84,6 +84,7 @@ class CGCNN(nn.Module):
                 tensors) or ``torch`` (PyTorch's operations); the same numbers to float rounding
                 (:mod:`crystal_transfer.models.layers`).
         """
+        # long: the docstring documents every argument; the body is the published module layout, in order
         super().__init__()
         if conv_type not in CONV_TYPES:
             raise InputError(f"conv_type must be one of {CONV_TYPES}, not {conv_type!r}")

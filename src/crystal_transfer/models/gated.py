@@ -113,6 +113,7 @@ class CompiledGatedMessages(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, self_part, nbr_part, edge_fea, edge_weight, bn_weight, bn_bias, nbr_idx, bn_state, how):
+        # long: one C call per pass, in order, with the buffers each pass hands to the next and to the backward
         lib = native.kernels()
         training, running_mean, running_var, momentum, eps = bn_state
         n_atoms, n_slots = nbr_idx.shape
@@ -203,6 +204,7 @@ class CompiledGatedMessages(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         lib = native.kernels()
+        # long: the backward's C passes in order; their buffers stay local
         z, gate, core_slope, core, edge_fea, nbr_idx, mean, invstd, bn_weight, distances = ctx.saved_tensors
         n_atoms, n_slots = nbr_idx.shape
         half = gate.shape[1]

@@ -1,0 +1,138 @@
+"""The report's figures: loss curves (Figure 5), attention against gated (Figure 6), learning curves, parity."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from crystal_transfer.atomic import atomic_path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=150, bbox_inches="tight", format="png")
+    _pyplot().close(fig)
+
+
+def mean_curve(metric_files: Sequence[str | Path], column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(epochs, mean, std) of a metrics.csv column over runs (seeds)."""
+    frames = [pd.read_csv(path) for path in metric_files]
+    length = min(len(frame) for frame in frames)
+    values = np.stack([frame[column].to_numpy()[:length] for frame in frames])
+    epochs = frames[0]["epoch"].to_numpy()[:length]
+    std = values.std(axis=0, ddof=1) if len(frames) > 1 else np.zeros(length)
+    return epochs, values.mean(axis=0), std
+
+
+def loss_curves_figure(curves: dict[str, Sequence[str | Path]], path: str | Path, title: str) -> None:
+    """Training (dashed) and validation (solid) loss per epoch for each labelled group of runs."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (label, files) in enumerate(curves.items()):
+        colour = colours[index % len(colours)]
+        for column, style, suffix in (("train_loss", "--", "train"), ("val_loss", "-", "validation")):
+            epochs, mean, std = mean_curve(files, column)
+            ax.plot(epochs, mean, style, color=colour, label=f"{label} ({suffix})")
+            ax.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.15, linewidth=0)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("MSE loss (standardised band gap)")
+    ax.set_title(title)
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, path)
+
+
+def attention_figure(
+    gated: str | Path, attention: str | Path, path: str | Path, gated_params: int | None, attention_params: int | None
+) -> None:
+    """Validation loss of the attention model against the gated CGCNN, both trained the same way."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label, file, params in (("CGCNN (gated)", gated, gated_params), ("attention", attention, attention_params)):
+        frame = pd.read_csv(file)
+        suffix = f", {params:,} parameters" if params else ""
+        ax.plot(frame["epoch"], frame["val_loss"], marker="o", markersize=3, label=f"{label}{suffix}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation MSE loss (standardised formation energy)")
+    ax.set_title("Attention vs gated convolution, trained on formation energy")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def learning_curves_figure(
+    results: pd.DataFrame,
+    path: str | Path,
+    unit: str = "eV",
+    labels: dict[str, str] | None = None,
+    target: str = "band gap",
+) -> None:
+    """Test MAE against training size (log axis, ticks at the sizes) for each mode, mean ± std over seeds."""
+    plt = _pyplot()
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    labels = labels or {}
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    seeds = results.groupby(["mode", "train_size"])["seed"].nunique()
+    for mode, group in results.groupby("mode", sort=True):
+        summary = group.groupby("train_size")["test_mae"].agg(["mean", "std", "count"]).reset_index()
+        ax.errorbar(
+            summary["train_size"],
+            summary["mean"],
+            yerr=summary["std"].fillna(0),
+            marker="o",
+            capsize=3,
+            label=labels.get(mode, mode),
+        )
+    sizes = sorted(int(n) for n in results["train_size"].unique())
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(sizes))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([f"{n:,}" for n in sizes])
+    ax.set_xlabel("training crystals")
+    ax.set_ylabel(f"{target} test MAE ({unit})")
+    counts = sorted({int(c) for c in seeds})
+    spread = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    ax.set_title(f"Learning curves on one {target} test set (mean ± std over {spread} seeds)", fontsize=10)
+    ax.grid(alpha=0.3)
+    # the labels are long: below the axes, where they cover no point
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
+    _save(fig, path)
+
+
+def parity_figure(
+    predictions_csv: str | Path, path: str | Path, title: str, unit: str = "eV", target: str = "value"
+) -> None:
+    """Predicted against true value on the test set, with the identity line and the MAE."""
+    plt = _pyplot()
+    frame = pd.read_csv(predictions_csv)
+    fig, ax = plt.subplots(figsize=(4.8, 4.8))
+    ax.scatter(frame["target"], frame["prediction"], s=8, alpha=0.5)
+    low = float(min(frame["target"].min(), frame["prediction"].min()))
+    high = float(max(frame["target"].max(), frame["prediction"].max()))
+    ax.plot([low, high], [low, high], color="black", linewidth=1)
+    mae = float((frame["target"] - frame["prediction"]).abs().mean())
+    ax.set_xlabel(f"DFT {target} ({unit})")
+    ax.set_ylabel(f"predicted {target} ({unit})")
+    ax.set_title(f"{title}\nMAE {mae:.3f} {unit}, {len(frame)} test crystals", fontsize=9)
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+# -- the report stage ----------------------------------------------------------------------------------------
