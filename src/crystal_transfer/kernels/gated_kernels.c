@@ -6,7 +6,7 @@
    slots. Every function works on a range of atoms or rows, so that the caller can split the work among threads.
    crystal_transfer.native compiles this file with the machine's C compiler (-O3 -march=native -ffast-math) on
    first use; exp and log1p are written out as polynomials so that the loops vectorise without a vector maths
-   library. tests/test_model.py compares the results with PyTorch's. */
+   library. tests/models/test_cgcnn.py compares the results with PyTorch's. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
