@@ -1,4 +1,4 @@
-/* Compiled CPU kernels of CGCNN's gated convolution, the edge part (crystal_transfer.model._GatedMessagesNative).
+/* Compiled CPU kernels of CGCNN's gated convolution, the edge part (crystal_transfer.models.gated.CompiledGatedMessages).
 
    Rows are edges e = n * n_slots + m of the (E, 2h) tensor z = W_i v_i + W_j v_j + W_e u_ij + b; the first h
    channels are the filter half f, the last h the core half c. BatchNorm is folded into per-channel
@@ -127,7 +127,7 @@ void ct_gated_backward_dy(const float *restrict grad, const float *restrict gate
 }
 
 /* ---- the edge matmul by bands ----------------------------------------------------------------------------------
-   The edge features u_e[k] = exp(-(d_e - mu_k)^2 / width^2) are exactly zero (model.gaussian_expand) where the
+   The edge features u_e[k] = exp(-(d_e - mu_k)^2 / width^2) are exactly zero (models.layers.gaussian_expand) where the
    exponent exceeds 87, i.e. outside a band of about 19 of CGCNN's 41 centres around d_e: only the band's
    columns of W_e contribute. band() gives the band [lo, hi] of centres mu_k = dmin + k * step within `reach`
    (sqrt(87) * width plus a margin) of d; the entries read are those of u itself, so the result is the dense
@@ -258,7 +258,7 @@ void ct_bn_backward_apply(float *restrict dz, const float *restrict z, const flo
                             0.0f, 1.0f, 0.0f);
 }
 
-/* CGCNN's Gaussian edge features of distances [r0, r1) (model.gaussian_expand in one pass):
+/* CGCNN's Gaussian edge features of distances [r0, r1) (models.layers.gaussian_expand in one pass):
    u[r, k] = exp(-(d_r - mu_k)^2 * inv_w2), written as exactly 0 where the exponent exceeds max_exponent (87:
    below that, float32 turns subnormal) */
 void ct_gaussian_expand(const float *restrict dist, const float *restrict centres, float *restrict u, int64_t r0,
