@@ -37,7 +37,6 @@ if "transfer" in config:
     include: "workflow/rules/report.smk"
 
 
-
 rule all:
     input:
         expand(f"{RESULTS}/data/{{dataset}}/crystals.parquet", dataset=config["datasets"]),

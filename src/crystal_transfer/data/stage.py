@@ -141,8 +141,6 @@ def _table(kept: list[Kept], units: dict[str, str], metadata: dict[str, Any]) ->
     return pa.Table.from_arrays(list(columns.values()), schema=schema)
 
 
-
-
 def run(name: str, spec: dict[str, Any], out_dir: str | Path, workers: int = 0, fetch: bool = False, log=print):
     """The ``data`` stage: with ``fetch``, first download what the spec's sources need and is not on disk."""
     if fetch:

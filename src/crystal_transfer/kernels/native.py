@@ -17,8 +17,8 @@ Each source is compiled to an object file and linked in a second step without th
 the whole process to flush-to-zero arithmetic (every float32 subnormal in NumPy and PyTorch read as 0).
 
 Where no C compiler works (or with ``CRYSTAL_TRANSFER_NATIVE=0``) a library is None, ``unavailable_reason()`` says
-why, and the callers keep their Python paths (``models.gated.TorchGatedMessages``, pymatgen's neighbour search): the same
-numbers to float rounding, slower. The cache directory is ``native/`` in the project's cache folder
+why, and the callers keep their Python paths (``models.gated.TorchGatedMessages``, pymatgen's neighbour search): the
+same numbers to float rounding, slower. The cache directory is ``native/`` in the project's cache folder
 (:mod:`crystal_transfer.cache`); where that cannot be written, the system's temporary directory.
 """
 

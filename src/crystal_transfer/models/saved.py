@@ -100,8 +100,6 @@ def check_graph_settings(
         raise GraphSettingsMismatch(where + "; ".join(problems))
 
 
-
-
 @dataclass
 class SavedModel:
     """A model with everything needed to use it correctly: graph settings, normalisers, provenance."""
