@@ -5,10 +5,10 @@ Per crystal a shard keeps the atomic numbers and, per atom, up to ``max_num_nbr`
 models expand the distances (:func:`gaussian_expand`).
 
 Neighbour selection reproduces CGCNN (``CIFData``): all neighbours within the radius (periodic images
-included, as pymatgen's ``get_all_neighbors``), sorted by distance, the first ``max_num_nbr`` kept. The
-search and selection run in ``neighbour_kernels.c`` (compiled by :mod:`crystal_transfer.native`, one call per
-shard); where no C compiler works, in pymatgen's ``find_points_in_spheres`` (the routine behind
-``get_all_neighbors``) plus NumPy, per crystal. Both give the same graphs (a test compares them on real crystals).
+included, as pymatgen's ``get_all_neighbors``), sorted by distance, the first ``max_num_nbr`` kept. The search
+runs in ``vesin`` with CGCNN's rules on top (:mod:`crystal_transfer.neighbours`, one call per shard);
+``search="pymatgen"`` takes pymatgen's ``find_points_in_spheres`` (the routine behind ``get_all_neighbors``) plus
+the same NumPy selection instead, the reference the tests compare with (the same graphs on every test crystal).
 Ties are broken deterministically: distances within ``TIE_TOLERANCE`` of
 each other form one shell, ordered by neighbour index, then by periodic image. CGCNN keeps pymatgen's
 output order inside a tie, which differs between pymatgen versions.
@@ -37,9 +37,10 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from crystal_transfer import __version__, native
+from crystal_transfer import __version__, neighbours
 from crystal_transfer.atomic import csv_text, write_json, write_text
 from crystal_transfer.atomic import sha256_file as file_sha256  # noqa: F401  (public name used by callers)
+from crystal_transfer.neighbours import NUMERICAL_TOL, PARTITION_MARGIN, TIE_TOLERANCE, select_neighbours
 from crystal_transfer.shards import map_arrays, read_header, write_shard
 
 PLAN_FILE = "plan.json"
@@ -49,9 +50,7 @@ SHARD_PATTERN = "shard-{index:05d}.cgs"
 REJECTED_COLUMNS = ["id", "reason", "message"]
 ISOLATED_ATOM = "isolated_atom"
 ISOLATED_POLICIES = ("extend", "drop", "keep")
-TIE_TOLERANCE = 1e-6  # Å: neighbour distances closer than this are one shell
-NUMERICAL_TOL = 1e-8  # Å: pymatgen's default; coincident pairs closer than this are the atom itself
-PARTITION_MARGIN = 1e-3  # Å: candidates kept beyond the k-th distance before the exact tie-aware sort
+SEARCHES = ("vesin", "pymatgen")
 TABLE_COLUMNS = ["id", "num_sites", "lattice", "numbers", "frac_coords"]
 
 
@@ -59,20 +58,8 @@ class GraphStageError(Exception):
     """The graphs stage cannot run or its outputs cannot be trusted (stale, corrupted or missing shards)."""
 
 
-class NeighbourSearchError(GraphStageError):
-    """The compiled neighbour search refused crystal ``crystal`` (index in its batch) of a batch."""
-
-    REASONS = {
-        -1: "out of memory",
-        -2: "singular lattice (zero volume)",
-        -3: "non-finite fractional coordinates",
-        -4: "a cell far thinner than the radius (more than 1e8 periodic images to search)",
-    }
-
-    def __init__(self, crystal: int, status: int) -> None:
-        self.crystal = crystal
-        self.what = f"neighbour search failed: {self.REASONS.get(status, f'error {status}')}"
-        super().__init__(f"crystal {crystal} of the batch: {self.what}")
+class NeighbourSearchError(GraphStageError, neighbours.NeighbourSearchError):
+    """The neighbour search refused crystal ``crystal`` (index in its batch) of a batch; ``what`` says why."""
 
 
 @dataclass(frozen=True)
@@ -193,96 +180,29 @@ def neighbour_pairs(
     return centre, neighbour, image, distance
 
 
-def select_neighbours(
-    centre: np.ndarray,
-    neighbour: np.ndarray,
-    image: np.ndarray,
-    distance: np.ndarray,
-    num_atoms: int,
-    max_num_nbr: int,
-    tie_tolerance: float = TIE_TOLERANCE,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per centre, the ``max_num_nbr`` nearest pairs in tie-aware order; returns ``(centre, neighbour, distance)``.
-
-    Pairs are sorted by distance; distances within ``tie_tolerance`` of the previous one join its shell, and a
-    shell is ordered by neighbour index, then image. The selected pairs come out grouped by centre (ascending)
-    and in that order.
-    """
-    if len(distance) == 0:
-        return centre, neighbour, distance
-    counts = np.bincount(centre, minlength=num_atoms)
-    if counts.max() > max_num_nbr:
-        # Cheap pre-selection: keep pairs within (k-th smallest distance + margin) of their centre.
-        order = np.argsort(centre, kind="stable")
-        centre, neighbour, image, distance = centre[order], neighbour[order], image[order], distance[order]
-        starts = np.zeros(num_atoms, dtype=np.int64)
-        np.cumsum(counts[:-1], out=starts[1:])
-        slot = np.arange(len(centre)) - starts[centre]
-        dense = np.full((num_atoms, int(counts.max())), np.inf)
-        dense[centre, slot] = distance
-        kth = np.partition(dense, max_num_nbr - 1, axis=1)[:, max_num_nbr - 1]
-        keep = distance <= kth[centre] + PARTITION_MARGIN
-        centre, neighbour, image, distance = centre[keep], neighbour[keep], image[keep], distance[keep]
-    order = np.lexsort((image[:, 2], image[:, 1], image[:, 0], neighbour, distance, centre))
-    centre, neighbour, image, distance = centre[order], neighbour[order], image[order], distance[order]
-    new_shell = np.ones(len(distance), dtype=bool)
-    new_shell[1:] = (centre[1:] != centre[:-1]) | (np.diff(distance) > tie_tolerance)
-    shell = np.cumsum(new_shell)
-    order = np.lexsort((image[:, 2], image[:, 1], image[:, 0], neighbour, shell))
-    centre, neighbour, distance = centre[order], neighbour[order], distance[order]
-    first = np.ones(len(centre), dtype=bool)
-    first[1:] = centre[1:] != centre[:-1]
-    group_start = np.maximum.accumulate(np.where(first, np.arange(len(centre)), 0))
-    keep = np.arange(len(centre)) - group_start < max_num_nbr
-    return centre[keep], neighbour[keep], distance[keep]
-
-
 def _index_dtype(num_atoms: int) -> type:
     """The smallest integer type that holds atom indices of a crystal (or shard) with ``num_atoms`` atoms."""
     return np.uint8 if num_atoms <= 256 else np.uint16 if num_atoms <= 65536 else np.int32
 
 
-def _native_lists(
-    lib: Any,
+def _search_lists(
     lattices: np.ndarray,
     atom_ptr: np.ndarray,
     frac: np.ndarray,
     numbers: np.ndarray,
-    radii: np.ndarray,
+    radii: np.ndarray | float,
     max_num_nbr: int,
     tie_tolerance: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Neighbour lists of several crystals by ``neighbour_kernels.c``: ``(nbr_idx, nbr_dist, nbr_count)`` per atom.
-
-    Crystal ``c`` is atoms ``atom_ptr[c]:atom_ptr[c + 1]``; its padded slots point at atom 0 at ``radii[c] + 1``.
-    """
-    lattices = np.ascontiguousarray(lattices, dtype=np.float64).reshape(-1, 9)
-    atom_ptr = np.ascontiguousarray(atom_ptr, dtype=np.int64)
-    frac = np.ascontiguousarray(frac, dtype=np.float64).reshape(-1, 3)
-    numbers = np.ascontiguousarray(numbers, dtype=np.int64)
-    radii = np.ascontiguousarray(radii, dtype=np.float64)
-    pad = (radii + 1.0).astype(np.float32)
-    atoms = int(atom_ptr[-1] - atom_ptr[0])
-    if atom_ptr[0] != 0:
-        atom_ptr = atom_ptr - atom_ptr[0]
-    # the C loop reads these arrays unchecked
-    if len(frac) != atoms or len(numbers) != atoms or len(lattices) != len(radii) or len(atom_ptr) != len(radii) + 1:
-        raise GraphStageError(
-            f"inconsistent crystal arrays: {len(frac)} coordinate rows and {len(numbers)} atomic numbers for {atoms} "
-            f"atoms; {len(lattices)} lattices and {len(radii)} radii for {len(atom_ptr) - 1} crystals"
+    """:func:`crystal_transfer.neighbours.neighbour_lists` (vesin) with the graphs stage's errors."""
+    try:
+        return neighbours.neighbour_lists(
+            lattices, atom_ptr, frac, numbers, radii, max_num_nbr, tie_tolerance, NUMERICAL_TOL, PARTITION_MARGIN
         )
-    nbr_idx = np.empty((atoms, max_num_nbr), dtype=np.int64)
-    nbr_dist = np.empty((atoms, max_num_nbr), dtype=np.float32)
-    nbr_count = np.empty(atoms, dtype=np.int64)
-    failed = np.zeros(1, dtype=np.int64)
-    status = lib.ct_neighbour_lists(
-        len(radii), atom_ptr.ctypes.data, lattices.ctypes.data, frac.ctypes.data, numbers.ctypes.data,
-        radii.ctypes.data, pad.ctypes.data, max_num_nbr, NUMERICAL_TOL, tie_tolerance, PARTITION_MARGIN,
-        nbr_idx.ctypes.data, nbr_dist.ctypes.data, nbr_count.ctypes.data, failed.ctypes.data,
-    )
-    if status != 0:
-        raise NeighbourSearchError(int(failed[0]), int(status))
-    return nbr_idx, nbr_dist, nbr_count
+    except neighbours.NeighbourSearchError as error:
+        raise NeighbourSearchError(error.crystal, error.what.removeprefix("neighbour search failed: ")) from None
+    except ValueError as error:
+        raise GraphStageError(str(error)) from None
 
 
 def crystal_graph(
@@ -290,22 +210,23 @@ def crystal_graph(
     frac_coords: np.ndarray,
     numbers: np.ndarray,
     settings: GraphSettings,
-    use_native: bool = True,
+    search: str = "vesin",
 ) -> CrystalGraph | str:
     """The graph of one crystal, or a rejection message when an isolated atom makes the policy drop it.
 
-    ``use_native=False`` takes pymatgen's search even where the compiled one is available (tests compare them).
+    ``search="pymatgen"`` takes pymatgen's search instead of vesin's (the reference the tests compare with).
     """
+    if search not in SEARCHES:
+        raise GraphStageError(f"search must be one of {', '.join(SEARCHES)}, not '{search}'")
     numbers = np.asarray(numbers)
     num_atoms = len(numbers)
     m = settings.max_num_nbr
     radius = settings.radius
-    lib = native.neighbour_kernels() if use_native else None
     while True:
-        if lib is not None:
-            lists = _native_lists(
-                lib, np.asarray(lattice).reshape(1, 3, 3), np.array([0, num_atoms]), frac_coords, numbers,
-                np.array([radius]), m, settings.tie_tolerance,
+        if search == "vesin":
+            lists = _search_lists(
+                np.asarray(lattice).reshape(1, 3, 3), np.array([0, num_atoms]), frac_coords, numbers, radius, m,
+                settings.tie_tolerance,
             )
             counts = lists[2]
         else:
@@ -321,11 +242,11 @@ def crystal_graph(
             )
             return f"{len(isolated)} atom(s) without a neighbour within {reach}, e.g. atom {first} (Z={numbers[first]})"
         radius = radius + settings.extend_step
-    if lib is not None:
+    if search == "vesin":
         nbr_idx, nbr_dist, nbr_count = lists
         return CrystalGraph(nbr_idx.astype(_index_dtype(num_atoms)), nbr_dist, nbr_count.astype(np.uint8), radius)
     centre, neighbour, distance = select_neighbours(
-        centre, neighbour, image, distance, num_atoms, m, settings.tie_tolerance
+        centre, neighbour, image, distance, num_atoms, m, settings.tie_tolerance, PARTITION_MARGIN
     )
     nbr_count = np.bincount(centre, minlength=num_atoms)
     slot = np.arange(len(centre)) - np.repeat(np.cumsum(nbr_count) - nbr_count, nbr_count)
@@ -406,8 +327,19 @@ def _table_arrays(table: str | Path, sha256: str) -> dict[str, Any]:
     return _TABLE_CACHE[key]
 
 
-def build_shard(plan_path: str | Path, index: int, table: str | Path | None = None, out: str | Path | None = None):
-    """Build shard ``index`` of the plan at ``plan_path`` (default output: beside the plan). Returns its header meta."""
+def build_shard(
+    plan_path: str | Path,
+    index: int,
+    table: str | Path | None = None,
+    out: str | Path | None = None,
+    search: str = "vesin",
+):
+    """Build shard ``index`` of the plan at ``plan_path`` (default output: beside the plan). Returns its header meta.
+
+    ``search="pymatgen"``: pymatgen's neighbour search, crystal by crystal, instead of vesin's for the whole shard
+    (the same shard; tests and benchmarks compare them)."""
+    if search not in SEARCHES:
+        raise GraphStageError(f"search must be one of {', '.join(SEARCHES)}, not '{search}'")
     plan_path = Path(plan_path)
     plan = read_json(plan_path)
     if not 0 <= index < len(plan["shards"]):
@@ -432,14 +364,13 @@ def build_shard(plan_path: str | Path, index: int, table: str | Path | None = No
     extended: list[dict[str, Any]] = []
     rejected: list[dict[str, str]] = []
     atom_ptr, frac, numbers_all = arrays["atom_ptr"], arrays["frac"], arrays["numbers"]
-    lib = native.neighbour_kernels()
-    if lib is not None and stop > start:  # the whole shard in one call; rows with an isolated atom redone below
+    batched = search == "vesin" and stop > start
+    if batched:  # the whole shard in one call; rows with an isolated atom redone below
         first = atom_ptr[start]
         try:
-            lists = _native_lists(
-                lib, arrays["lattice"][start:stop], atom_ptr[start : stop + 1], frac[first : atom_ptr[stop]],
-                numbers_all[first : atom_ptr[stop]], np.full(stop - start, settings.radius), settings.max_num_nbr,
-                settings.tie_tolerance,
+            lists = _search_lists(
+                arrays["lattice"][start:stop], atom_ptr[start : stop + 1], frac[first : atom_ptr[stop]],
+                numbers_all[first : atom_ptr[stop]], settings.radius, settings.max_num_nbr, settings.tie_tolerance,
             )
         except NeighbourSearchError as error:
             row = start + error.crystal
@@ -447,13 +378,13 @@ def build_shard(plan_path: str | Path, index: int, table: str | Path | None = No
     for row in range(start, stop):
         a0, a1 = atom_ptr[row], atom_ptr[row + 1]
         numbers = numbers_all[a0:a1]
-        if lib is not None and (settings.isolated_atoms == "keep" or lists[2][a0 - first : a1 - first].all()):
+        if batched and (settings.isolated_atoms == "keep" or lists[2][a0 - first : a1 - first].all()):
             local = slice(a0 - first, a1 - first)
             graph = CrystalGraph(
                 lists[0][local], lists[1][local], lists[2][local].astype(np.uint8), settings.radius
             )
         else:
-            graph = crystal_graph(arrays["lattice"][row], frac[a0:a1], numbers, settings)
+            graph = crystal_graph(arrays["lattice"][row], frac[a0:a1], numbers, settings, search)
         crystal_id = arrays["ids"][row]
         if isinstance(graph, str):
             rejected.append({"id": crystal_id, "reason": ISOLATED_ATOM, "message": graph})
@@ -574,9 +505,9 @@ def write_manifest(plan_path: str | Path, out: str | Path | None = None) -> dict
     return manifest
 
 
-def _build_shard_job(job: tuple[str, int]) -> int:
-    plan_path, index = job
-    build_shard(plan_path, index)
+def _build_shard_job(job: tuple[str, int, str]) -> int:
+    plan_path, index, search = job
+    build_shard(plan_path, index, search=search)
     return index
 
 
@@ -589,14 +520,17 @@ def build_graphs(
     workers: int = 1,
     shards: list[int] | None = None,
     log=print,
+    search: str = "vesin",
 ) -> dict[str, Any]:
-    """Plan, build every shard (or only ``shards``) in ``workers`` spawned processes, and write the manifest."""
+    """Plan, build every shard (or only ``shards``) in ``workers`` spawned processes, and write the manifest.
+
+    ``search``: the neighbour search, ``vesin`` or ``pymatgen`` (the same graphs; see :func:`build_shard`)."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
     plan_path = out_dir / PLAN_FILE
     plan = make_plan(table, dataset, settings, shard_size, plan_path)
     indices = list(range(len(plan["shards"]))) if shards is None else sorted(set(shards))
-    jobs = [(str(plan_path), i) for i in indices]
+    jobs = [(str(plan_path), i, search) for i in indices]
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             _build_shard_job(job)
