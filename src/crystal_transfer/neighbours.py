@@ -96,6 +96,43 @@ def _cutoff(radius: float, tol: float = NUMERICAL_TOL) -> float:
     return reach * (1.0 + 1e-9) + 1e-12
 
 
+def _vesin_pairs(search, lattice: np.ndarray, frac_coords: np.ndarray, cutoff: float) -> tuple[np.ndarray, ...]:
+    """vesin's raw pairs ``(i, j, S, d)`` of one crystal with d < ``cutoff`` (``search``: a vesin.NeighborList)."""
+    cart = np.ascontiguousarray(frac_coords @ lattice)
+    search.cutoff = float(cutoff)
+    return search.compute(points=cart, box=np.ascontiguousarray(lattice), periodic=True, quantities="ijSd")
+
+
+def _filtered_pairs(
+    raw: dict[int, tuple[np.ndarray, ...]],
+    full: dict[int, bool],
+    atom_ptr: np.ndarray,
+    numbers: np.ndarray,
+    radii: np.ndarray,
+    numerical_tol: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """vesin's pairs of crystals ``raw`` (index -> pairs) joined, with pymatgen's test on those searched with the
+    full radius and without the atom itself; centres are counted from the first of them, neighbours per crystal."""
+    crystals = list(raw)
+    lo = atom_ptr[crystals[0]]
+    lengths = np.array([len(raw[c][3]) for c in crystals])
+    offsets = np.repeat(atom_ptr[crystals] - lo, lengths)
+    centre = np.concatenate([raw[c][0] for c in crystals]).astype(np.int64) + offsets
+    neighbour = np.concatenate([raw[c][1] for c in crystals]).astype(np.int64)
+    image = np.concatenate([raw[c][2] for c in crystals])
+    distance = np.concatenate([raw[c][3] for c in crystals])
+    # pymatgen's test where the full radius was searched (a first, smaller radius's pairs are all inside it)
+    r = np.repeat(np.array([radii[c] if full[c] else np.inf for c in crystals]), lengths)
+    keep = np.where(r < PYMATGEN_MIN_R, distance <= r, distance * distance < r * r + numerical_tol)
+    coincident = distance <= numerical_tol  # the same element there is the atom itself
+    if coincident.any():
+        local = numbers[lo : atom_ptr[crystals[-1] + 1]]
+        keep &= ~(coincident & (local[centre] == local[neighbour + offsets]))
+    if not keep.all():
+        centre, neighbour, image, distance = centre[keep], neighbour[keep], image[keep], distance[keep]
+    return centre, neighbour, image, distance
+
+
 def candidate_pairs(
     lattice: np.ndarray,
     frac_coords: np.ndarray,
@@ -104,7 +141,7 @@ def candidate_pairs(
     search_radius: float | None = None,
     numerical_tol: float = NUMERICAL_TOL,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Every (centre, neighbour, image) pair within ``radius`` by pymatgen's test, from vesin's search.
+    """Every (centre, neighbour, image) pair of one crystal within ``radius`` by pymatgen's test, from vesin.
 
     ``search_radius`` (below ``radius``): only the pairs closer than it (vesin's cut-off), for a first pass.
     Returns ``(centre int64, neighbour int64, image (E, 3) int32, distance float64)``; the atom itself is excluded
@@ -112,25 +149,13 @@ def candidate_pairs(
     """
     import vesin
 
-    lattice = np.ascontiguousarray(lattice, dtype=np.float64).reshape(3, 3)
-    cart = np.ascontiguousarray(np.asarray(frac_coords, dtype=np.float64).reshape(-1, 3) @ lattice)
-    probe = search_radius is not None and search_radius < radius
-    cutoff = search_radius if probe else _cutoff(radius, numerical_tol)
-    search = vesin.NeighborList(cutoff=cutoff, full_list=True, n_threads=1)
-    centre, neighbour, image, distance = search.compute(points=cart, box=lattice, periodic=True, quantities="ijSd")
-    centre, neighbour = centre.astype(np.int64), neighbour.astype(np.int64)
-    if not probe:  # pymatgen's test (a probe's pairs are all inside it)
-        if radius < PYMATGEN_MIN_R:
-            inside = distance <= radius
-        else:
-            inside = distance * distance < radius * radius + numerical_tol
-        if not inside.all():
-            centre, neighbour, image, distance = centre[inside], neighbour[inside], image[inside], distance[inside]
-    if len(distance) and distance.min() <= numerical_tol:  # coincident atoms: the same element is the atom itself
-        numbers = np.asarray(numbers)
-        keep = ~((distance <= numerical_tol) & (numbers[centre] == numbers[neighbour]))
-        centre, neighbour, image, distance = centre[keep], neighbour[keep], image[keep], distance[keep]
-    return centre, neighbour, image, distance
+    lattice = np.asarray(lattice, dtype=np.float64).reshape(3, 3)
+    frac_coords = np.asarray(frac_coords, dtype=np.float64).reshape(-1, 3)
+    full = search_radius is None or search_radius >= radius
+    search = vesin.NeighborList(cutoff=1.0, full_list=True, n_threads=1)
+    raw = _vesin_pairs(search, lattice, frac_coords, _cutoff(radius, numerical_tol) if full else search_radius)
+    ptr = np.array([0, len(frac_coords)])
+    return _filtered_pairs({0: raw}, {0: full}, ptr, np.asarray(numbers), np.array([radius]), numerical_tol)
 
 
 def _kth_distance(centre: np.ndarray, distance: np.ndarray, num_atoms: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -156,9 +181,10 @@ def _tie_ordered_first(
     max_num_nbr: int,
     tie_tolerance: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sort by (centre, distance, j, image), group distances into tie shells, order shells by (j, image), take the
-    first ``max_num_nbr`` per centre."""
-    order = np.lexsort((image[:, 2], image[:, 1], image[:, 0], neighbour, distance, centre))
+    """Sort by (centre, distance), group distances into tie shells, order shells by (j, image), take the first
+    ``max_num_nbr`` per centre. (Equal distances fall into one shell in any order, so the first sort needs no
+    other key.)"""
+    order = np.lexsort((distance, centre))
     centre, neighbour, image, distance = centre[order], neighbour[order], image[order], distance[order]
     new_shell = np.ones(len(distance), dtype=bool)
     new_shell[1:] = (centre[1:] != centre[:-1]) | (np.diff(distance) > tie_tolerance)
@@ -235,58 +261,57 @@ def neighbour_lists(
     nbr_dist = np.repeat((radii + 1.0).astype(np.float32), np.diff(atom_ptr))[:, None].repeat(m, axis=1)
     nbr_count = np.zeros(atoms, dtype=np.int64)
 
-    def search(c: int, full: bool) -> tuple[np.ndarray, ...]:
-        a0, a1 = atom_ptr[c], atom_ptr[c + 1]
-        try:
-            centre, neighbour, image, distance = candidate_pairs(
-                lattices[c], frac[a0:a1], numbers[a0:a1], radii[c], None if full else first_radius[c], numerical_tol
-            )
-        except RuntimeError as error:  # vesin's own refusals
-            raise NeighbourSearchError(c, f"vesin: {error}") from None
-        return centre + a0, neighbour, image, distance
+    import vesin
 
+    vesin_search = vesin.NeighborList(cutoff=1.0, full_list=True, n_threads=1)  # n_threads: the stage has processes
+    cutoffs = np.array([_cutoff(r, numerical_tol) for r in radii])
     volumes = np.abs(np.linalg.det(lattices))
     sizes = np.diff(atom_ptr)
     with np.errstate(divide="ignore", invalid="ignore"):
         first_radius = PROBE_FACTOR * np.cbrt(volumes / sizes * (max_num_nbr / 12)) if probe else radii
-    first_radius = np.where(first_radius < 0.9 * radii, first_radius, radii)  # no probe when it is nearly r
+    probed = first_radius < 0.9 * radii  # no first pass when it would search nearly the whole radius
+
+    def search(c: int, full: bool) -> tuple[np.ndarray, ...]:
+        a0, a1 = atom_ptr[c], atom_ptr[c + 1]
+        try:
+            return _vesin_pairs(vesin_search, lattices[c], frac[a0:a1], cutoffs[c] if full else first_radius[c])
+        except RuntimeError as error:  # vesin's own refusals
+            raise NeighbourSearchError(c, f"vesin: {error}") from None
+
     start = 0
     while start < n_crystals:
-        stop = start
-        while stop < n_crystals and (stop == start or atom_ptr[stop + 1] - atom_ptr[start] <= CHUNK_ATOMS):
+        stop = start + 1
+        while stop < n_crystals and atom_ptr[stop + 1] - atom_ptr[start] <= CHUNK_ATOMS:
             stop += 1
-        refused = refusals(
-            lattices[start:stop], atom_ptr[start : stop + 1] - atom_ptr[start],
-            frac[atom_ptr[start] : atom_ptr[stop]], radii[start:stop],
-        )
+        lo, hi = atom_ptr[start], atom_ptr[stop]
+        refused = refusals(lattices[start:stop], atom_ptr[start : stop + 1] - lo, frac[lo:hi], radii[start:stop])
         if refused:
             first = min(refused)
             raise NeighbourSearchError(start + first, refused[first])
-        pieces = {c: search(c, first_radius[c] >= radii[c]) for c in range(start, stop) if sizes[c]}
-        lo, hi = atom_ptr[start], atom_ptr[stop]
-        joined = [np.concatenate([p[k] for p in pieces.values()]) for k in range(4)] if pieces else None
-        if joined is not None:
-            centre, neighbour, image, distance = joined
-            counts, kth = _kth_distance(centre - lo, distance, hi - lo, m)
-            # an atom's probe list is final when its k-th distance plus the margin lies inside the probe radius
-            owner = np.repeat(np.arange(start, stop), sizes[start:stop])
-            probed = first_radius[owner] < radii[owner]
-            open_atoms = probed & ~(kth + margin < first_radius[owner] * (1 - 1e-9))
-            if open_atoms.any():
-                for c in np.unique(owner[open_atoms]):
-                    pieces[int(c)] = search(int(c), True)
-                joined = [np.concatenate([p[k] for p in pieces.values()]) for k in range(4)]
-                centre, neighbour, image, distance = joined
-                counts, kth = _kth_distance(centre - lo, distance, hi - lo, m)
-            local = centre - lo
-            if counts.max(initial=0) > m:
-                keep = distance <= kth[local] + margin
-                local, neighbour, image, distance = local[keep], neighbour[keep], image[keep], distance[keep]
-            local, neighbour, distance = _tie_ordered_first(local, neighbour, image, distance, m, tie_tolerance)
-            count = np.bincount(local, minlength=hi - lo)
-            slot = np.arange(len(local)) - np.repeat(np.cumsum(count) - count, count)
-            nbr_idx[lo + local, slot] = neighbour
-            nbr_dist[lo + local, slot] = distance
-            nbr_count[lo:hi] = count
+        crystals = [c for c in range(start, stop) if sizes[c]]
+        if not crystals:
+            start = stop
+            continue
+        full = {c: not probed[c] for c in crystals}
+        raw = {c: search(c, full[c]) for c in crystals}
+        centre, neighbour, image, distance = _filtered_pairs(raw, full, atom_ptr, numbers, radii, numerical_tol)
+        counts, kth = _kth_distance(centre, distance, hi - lo, m)
+        # an atom's first-pass list is final when its k-th distance plus the margin lies inside the first radius
+        owner = np.repeat(np.arange(start, stop), sizes[start:stop])
+        unfinished = probed[owner] & ~(kth + margin < first_radius[owner] * (1 - 1e-9))
+        if unfinished.any():
+            for c in np.unique(owner[unfinished]).tolist():
+                full[c], raw[c] = True, search(c, True)
+            centre, neighbour, image, distance = _filtered_pairs(raw, full, atom_ptr, numbers, radii, numerical_tol)
+            counts, kth = _kth_distance(centre, distance, hi - lo, m)
+        if counts.max(initial=0) > m:
+            keep = distance <= kth[centre] + margin
+            centre, neighbour, image, distance = centre[keep], neighbour[keep], image[keep], distance[keep]
+        centre, neighbour, distance = _tie_ordered_first(centre, neighbour, image, distance, m, tie_tolerance)
+        count = np.bincount(centre, minlength=hi - lo)
+        slot = np.arange(len(centre)) - np.repeat(np.cumsum(count) - count, count)
+        nbr_idx[lo + centre, slot] = neighbour
+        nbr_dist[lo + centre, slot] = distance
+        nbr_count[lo:hi] = count
         start = stop
     return nbr_idx, nbr_dist, nbr_count
