@@ -9,8 +9,8 @@ so a build takes about half a second):
   element on this project's AMD EPYC, against 0.25 for ``sigmoid``); the library does those passes in five
   vectorised loops (``-O3 -march=native -ffast-math``);
 - ``neighbours`` (``neighbour_kernels.c``, :func:`neighbour_kernels`): periodic neighbour lists with CGCNN's
-  selection rules for the graphs stage (``-O2 -ffp-contract=off``, strict IEEE arithmetic without fused
-  multiply-adds: the same lists as the pymatgen path, on any CPU).
+  selection rules (``-O2 -ffp-contract=off``, strict IEEE arithmetic without fused multiply-adds). No longer
+  used by the graphs stage, which searches with vesin (:mod:`crystal_transfer.neighbours`).
 
 Each source is compiled to an object file and linked in a second step without the optimisation flags: gcc before
 13 links ``crtfastmath.o`` into a shared library linked with ``-ffast-math``, and loading that library would switch
