@@ -84,7 +84,7 @@ def refusals(lattices: np.ndarray, atom_ptr: np.ndarray, frac: np.ndarray, radii
             reasons[c] = "singular lattice (zero volume)"
         else:
             reasons[c] = (
-                f"a cell far thinner than the radius ({images[c]:.3g} periodic images within {radii[c]:g} Å, "
+                f"a cell far thinner than the radius ({images[c]:.3g} periodic images to search within {radii[c]:g} Å, "
                 f"about {pairs[c]:.3g} pairs; limits {MAX_IMAGES:.0e} and {MAX_PAIRS:.0e})"
             )
     return reasons
