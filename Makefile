@@ -26,9 +26,8 @@ $(VENV)/.installed: pyproject.toml
 	  $(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_CPU)"; \
 	fi
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	@# the CGCNN edge kernels and the neighbour search, compiled once per machine (without a C compiler the
-	@# PyTorch path and pymatgen's neighbour search run instead)
-	$(BIN)/python -c "from crystal_transfer.kernels import native as n; n.kernels(); n.neighbour_kernels(); print(n.describe()); print(n.describe('neighbours'))"
+	@# the CGCNN edge kernels, compiled once per machine (without a C compiler the PyTorch path runs instead)
+	$(BIN)/python -c "from crystal_transfer.kernels import native as n; n.kernels(); print(n.describe())"
 	touch $@
 
 # The rules call `python -m crystal_transfer`: the venv's bin comes first on PATH.

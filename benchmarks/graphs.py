@@ -1,11 +1,12 @@
 """Benchmark of the graphs stage on all of mp2018, against the original CGCNN featurisation in the same run.
 
-Prints: crystals/s and wall time of building every shard (spawned workers), the same with pymatgen's neighbour
-search instead of the compiled one (where no C compiler works), peak memory of the process tree,
-bytes per atom on disk against the Gaussian-expanded features CGCNN keeps in memory (float32 N x 12 x 41), and,
-on a random sample of crystals, the per-crystal speed ratio against the original path (pymatgen
-``get_all_neighbors``, per-site sort, padding, Gaussian expansion, as CGCNN's ``CIFData``), the two timed
-alternately crystal by crystal so that load from other processes hits both alike.
+Prints: crystals/s and wall time of building every shard (spawned workers) with vesin's neighbour search, the same
+with pymatgen's search (``search="pymatgen"``) and whether the two graph folders agree (indices and counts equal,
+distances within 1e-6 Å), peak memory of the process tree, bytes per atom on disk against the Gaussian-expanded
+features CGCNN keeps in memory (float32 N x 12 x 41), and, on a random sample of crystals, the per-crystal time
+of the original path (pymatgen ``get_all_neighbors``, per-site sort, padding, Gaussian expansion, as CGCNN's
+``CIFData``), of ``crystal_graph`` with vesin and with pymatgen, timed alternately crystal by crystal so that
+load from other processes hits all alike.
 
     python benchmarks/graphs.py [--table results/data/mp2018/crystals.parquet] [--workers 2] [--sample 500]
 
@@ -95,8 +96,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from crystal_transfer.graphs.stage import GraphSettings, _table_arrays, build_graphs, crystal_graph, file_sha256
-    from crystal_transfer.kernels import native
+    from crystal_transfer.graphs.crystal_graph import crystal_graph
+    from crystal_transfer.graphs.settings import GraphSettings
+    from crystal_transfer.graphs.shards import map_arrays
+    from crystal_transfer.graphs.stage import _table_arrays, build_graphs, file_sha256
 
     work = Path(args.work)
     table = mp2018_table(Path(args.table) if args.table else None)
@@ -109,19 +112,27 @@ def main() -> None:
             table, out, settings, args.shard_size, dataset="mp2018", workers=args.workers, log=lambda _: None
         )
         wall = time.perf_counter() - started
-    # the same stage with the neighbour search in pymatgen + NumPy (where no C compiler works), same process
-    os.environ[native.DISABLE_ENV] = "0"
-    native.reset()
-    try:
-        started = time.perf_counter()
-        build_graphs(
-            table, work / "graphs-pymatgen", settings, args.shard_size, dataset="mp2018", workers=args.workers,
-            log=lambda _: None,
+    # the same stage with pymatgen's neighbour search, same process
+    started = time.perf_counter()
+    pymatgen_manifest = build_graphs(
+        table, work / "graphs-pymatgen", settings, args.shard_size, dataset="mp2018", workers=args.workers,
+        log=lambda _: None, search="pymatgen",
+    )
+    wall_pymatgen = time.perf_counter() - started
+    # both folders hold the same graphs: indices, counts and radii equal, distances within 1e-6 Å
+    differing = []
+    for ours, theirs in zip(manifest["shards"], pymatgen_manifest["shards"], strict=True):
+        first, second = map_arrays(out / ours["file"]), map_arrays(work / "graphs-pymatgen" / theirs["file"])
+        same = first.keys() == second.keys() and all(
+            np.allclose(first[k], second[k], rtol=0, atol=1e-6)
+            if k == "nbr_dist"
+            else np.array_equal(first[k], second[k])
+            for k in first
         )
-        wall_pymatgen = time.perf_counter() - started
-    finally:
-        del os.environ[native.DISABLE_ENV]
-        native.reset()
+        if not same:
+            differing.append(ours["file"])
+    if differing or manifest["counts"] != pymatgen_manifest["counts"]:
+        raise SystemExit(f"vesin's and pymatgen's graphs differ: {differing or 'counts'}")
     counts = manifest["counts"]
     gaussian_bytes = counts["atoms"] * settings.max_num_nbr * 41 * 4
 
@@ -132,7 +143,9 @@ def main() -> None:
     rows = np.random.default_rng(args.seed).choice(len(arrays["ids"]), size=args.sample, replace=False)
     ours = reference = pymatgen_path = 0.0
     atoms = 0
-    native.neighbour_kernels()  # built (or loaded) before the clock starts
+    for search in ("vesin", "pymatgen"):  # libraries loaded before the clock starts
+        a0, a1 = arrays["atom_ptr"][rows[0]], arrays["atom_ptr"][rows[0] + 1]
+        crystal_graph(arrays["lattice"][rows[0]], arrays["frac"][a0:a1], arrays["numbers"][a0:a1], settings, search)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for row in rows:
@@ -144,7 +157,7 @@ def main() -> None:
             t1 = time.perf_counter()
             graph = crystal_graph(lattice, frac, numbers, settings)
             t2 = time.perf_counter()
-            crystal_graph(lattice, frac, numbers, settings, use_native=False)
+            crystal_graph(lattice, frac, numbers, settings, search="pymatgen")
             t3 = time.perf_counter()
             reference += t1 - t0
             ours += t2 - t1
@@ -160,7 +173,7 @@ def main() -> None:
         "workers": args.workers,
         "wall_s": round(wall, 2),
         "wall_pymatgen_search_s": round(wall_pymatgen, 2),
-        "neighbour_search": native.describe("neighbours"),
+        "identical_shards": len(manifest["shards"]) - len(differing),
         "crystals_per_s": round(counts["crystals"] / wall, 1),
         "peak_memory_mb": round(memory.peak / 1e6, 1),
         "disk_bytes": counts["bytes"],
@@ -173,21 +186,25 @@ def main() -> None:
         "ours_ms_per_crystal": round(ours / args.sample * 1e3, 3),
         "speedup": round(reference / ours, 1),
         "pymatgen_search_ms_per_crystal": round(pymatgen_path / args.sample * 1e3, 3),
-        "speedup_over_pymatgen_search": round(pymatgen_path / ours, 1),
+        "speedup_over_pymatgen_search": round(pymatgen_path / ours, 2),
+        "stage_ms_per_crystal": round(wall / counts["crystals"] * 1e3, 3),
+        "stage_pymatgen_ms_per_crystal": round(wall_pymatgen / counts["crystals"] * 1e3, 3),
     }
     print(
         f"built {figures['crystals']} crystals ({figures['atoms']} atoms, {figures['shards']} shards) in "
-        f"{figures['wall_s']} s with {args.workers} workers: {figures['crystals_per_s']} crystals/s "
-        f"({figures['neighbour_search']}); with pymatgen's search instead: {figures['wall_pymatgen_search_s']} s "
-        f"({wall_pymatgen / wall:.1f}x)\n"
+        f"{figures['wall_s']} s with {args.workers} workers: {figures['crystals_per_s']} crystals/s (vesin, "
+        f"{figures['stage_ms_per_crystal']} ms/crystal); with pymatgen's search instead: "
+        f"{figures['wall_pymatgen_search_s']} s ({wall_pymatgen / wall:.2f}x); the same graphs in all "
+        f"{figures['identical_shards']} shards\n"
         f"peak memory (process tree): {figures['peak_memory_mb']} MB\n"
         f"on disk: {figures['disk_bytes'] / 1e6:.1f} MB, {figures['disk_bytes_per_atom']} bytes/atom; "
         f"CGCNN's Gaussian features: {figures['gaussian_bytes_per_atom']} bytes/atom "
         f"({figures['gaussian_to_disk_ratio']}x the shards)\n"
-        f"sample of {args.sample} crystals ({atoms} atoms): original path {figures['original_ms_per_crystal']} "
-        f"ms/crystal, ours {figures['ours_ms_per_crystal']} ms/crystal: {figures['speedup']}x faster; ours with "
-        f"pymatgen's search {figures['pymatgen_search_ms_per_crystal']} ms/crystal "
-        f"({figures['speedup_over_pymatgen_search']}x the compiled one's time)"
+        f"sample of {args.sample} crystals ({atoms} atoms), crystal by crystal: original path "
+        f"{figures['original_ms_per_crystal']} ms/crystal, ours with vesin {figures['ours_ms_per_crystal']} "
+        f"ms/crystal ({figures['speedup']}x faster), ours with pymatgen's search "
+        f"{figures['pymatgen_search_ms_per_crystal']} ms/crystal ({figures['speedup_over_pymatgen_search']}x "
+        f"vesin's time)"
     )
     print(json.dumps(figures))
 

@@ -49,7 +49,8 @@ def mp2018_graphs(table: Path, path: Path | None = None) -> Path:
     graphs = Path(path) if path else table.parent / "graphs"
     if (graphs / "manifest.json").is_file():
         return graphs
-    from crystal_transfer.graphs.stage import GraphSettings, build_graphs
+    from crystal_transfer.graphs.settings import GraphSettings
+    from crystal_transfer.graphs.stage import build_graphs
 
     print(f"building the graphs of {table} into {graphs} (not timed) ...", flush=True)
     build_graphs(table, graphs, GraphSettings(), 2048, dataset="mp2018", workers=2, log=lambda _: None)

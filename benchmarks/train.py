@@ -49,7 +49,8 @@ from crystal_transfer.data.table import label_values
 from crystal_transfer.graphs import stage as graphs
 from crystal_transfer.graphs.batch import GraphBatch
 from crystal_transfer.graphs.dataset import GraphDataset
-from crystal_transfer.graphs.stage import GraphSettings, build_graphs
+from crystal_transfer.graphs.settings import GraphSettings
+from crystal_transfer.graphs.stage import build_graphs
 from crystal_transfer.kernels import native
 from crystal_transfer.models.cgcnn import CGCNN
 from crystal_transfer.training.losses import masked_mse_loss
@@ -305,9 +306,8 @@ def main() -> None:
     # our Trainer raises glibc's mmap threshold (train.tune_allocator); do it up front so both sides run with it
     tuned = tune_allocator()
     started = time.perf_counter()
-    native.kernels()  # built once per machine (about 0.5 s each), like an install step: not part of the first epoch
-    native.neighbour_kernels()
-    print(f"{native.describe()}; {native.describe('neighbours')} ({time.perf_counter() - started:.2f} s)")
+    native.kernels()  # built once per machine, like an install step: not part of the first epoch
+    print(f"{native.describe()} ({time.perf_counter() - started:.2f} s)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; at start: {load_average()}")
     print(f"allocator tuning (glibc mmap threshold 32 MB, for both sides): {'on' if tuned else 'off'}")
     args.work.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,8 @@ def matminer_graphs(matminer_archive: Path, tmp_path_factory: pytest.TempPathFac
     """The embedded dataset's table, graphs and a small band-gap split (120 / 60 / 60), built once."""
     from crystal_transfer.data.split import make_split, write_split
     from crystal_transfer.data.stage import build_dataset
-    from crystal_transfer.graphs.stage import GraphSettings, build_graphs
+    from crystal_transfer.graphs.settings import GraphSettings
+    from crystal_transfer.graphs.stage import build_graphs
 
     root = tmp_path_factory.mktemp("matminer")
     spec = {

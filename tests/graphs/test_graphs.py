@@ -31,18 +31,14 @@ from crystal_transfer.cli.main import main
 from crystal_transfer.config import ConfigError, load_config, validate_config
 from crystal_transfer.data.split import write_split
 from crystal_transfer.data.stage import build_dataset
+from crystal_transfer.graphs.crystal_graph import crystal_graph
 from crystal_transfer.graphs.dataset import GraphDataset, collate_graphs
+from crystal_transfer.graphs.errors import GraphStageError
+from crystal_transfer.graphs.neighbours import TIE_TOLERANCE
+from crystal_transfer.graphs.settings import GraphSettings, graph_config
 from crystal_transfer.graphs.shards import ShardFormatError, map_arrays, read_header, write_shard
-from crystal_transfer.graphs.stage import (
-    TIE_TOLERANCE,
-    GraphSettings,
-    GraphStageError,
-    build_graphs,
-    crystal_graph,
-    gaussian_expand,
-    graph_config,
-    read_json,
-)
+from crystal_transfer.graphs.stage import build_graphs, read_json
+from crystal_transfer.models.layers import gaussian_centres, gaussian_expand
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("CRYSTAL_TRANSFER_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -59,6 +55,12 @@ pytestmark = pytest.mark.skipif(
 
 # ----------------------------------------------------------------------------------------------------------------
 # The reference: CGCNN's CIFData featurisation, written from its definition.
+
+
+def _cgcnn_gaussians(distances) -> np.ndarray:
+    """The model's Gaussian edge features (41 centres 0..8 Å, width 0.2) of ``distances``, in float64."""
+    values = torch.from_numpy(np.array(distances, dtype=np.float64))
+    return gaussian_expand(values, gaussian_centres(0.0, 8.0, 0.2), 0.2).numpy()
 
 
 def cgcnn_reference(structure, radius: float = 8.0, max_num_nbr: int = 12, dmin: float = 0.0, step: float = 0.2):
@@ -100,7 +102,7 @@ def compare_with_reference(item, reference, max_num_nbr: int = 12) -> dict[str, 
     stats = Counter()
     assert item.nbr_dist.shape == ref_dist.shape
     np.testing.assert_allclose(item.nbr_dist, ref_dist, rtol=0, atol=2e-6)
-    ours = gaussian_expand(torch.from_numpy(np.array(item.nbr_dist))).numpy()
+    ours = _cgcnn_gaussians(item.nbr_dist)
     np.testing.assert_allclose(ours, ref_gauss, rtol=0, atol=1e-5)
     for atom, neighbours in enumerate(full):
         count = min(len(neighbours), max_num_nbr)
@@ -253,7 +255,7 @@ def test_cgcnn_padding_reproduces_the_original_exactly(sample, references, tmp_p
     ref_idx, ref_dist, ref_gauss, _ = cgcnn_reference(Structure.from_str(sample["cifs"][STRETCHED_ID], fmt="cif"))
     np.testing.assert_array_equal(np.asarray(stretched.nbr_idx), ref_idx)
     np.testing.assert_array_equal(np.asarray(stretched.nbr_dist), ref_dist.astype(np.float32))
-    ours = gaussian_expand(torch.from_numpy(np.array(stretched.nbr_dist))).numpy()
+    ours = _cgcnn_gaussians(stretched.nbr_dist)
     np.testing.assert_allclose(ours, ref_gauss, atol=1e-6)
 
 
@@ -284,52 +286,122 @@ def test_brute_force_periodic_images_agree(sample):
     assert checked >= 25
 
 
-def _compiled_search_or_skip():
-    from crystal_transfer.kernels import native
+def _same_graph(ours, theirs, crystal_id: str) -> None:
+    if isinstance(theirs, str):
+        assert ours == theirs, crystal_id
+        return
+    assert ours.radius == theirs.radius, crystal_id
+    assert ours.nbr_idx.dtype == theirs.nbr_idx.dtype, crystal_id
+    np.testing.assert_array_equal(ours.nbr_idx, theirs.nbr_idx, err_msg=crystal_id)
+    np.testing.assert_array_equal(ours.nbr_count, theirs.nbr_count, err_msg=crystal_id)
+    np.testing.assert_allclose(ours.nbr_dist, theirs.nbr_dist, rtol=0, atol=1e-6, err_msg=crystal_id)
 
-    if native.neighbour_kernels() is None:
-        pytest.skip(f"compiled neighbour search unavailable: {native.unavailable_reason('neighbours')}")
 
-
-@pytest.mark.parametrize("policy", ["extend", "keep"])
-def test_compiled_neighbour_search_equals_the_pymatgen_path(sample, policy):
-    """neighbour_kernels.c and pymatgen + NumPy give the same graph for every crystal of the sample."""
+@pytest.mark.parametrize("policy", ["extend", "drop", "keep"])
+def test_vesin_neighbour_search_equals_the_pymatgen_path(sample, policy):
+    """vesin + CGCNN's rules and pymatgen + NumPy give the same graph (indices in the same tie order, counts, radii,
+    distances within 1e-6 Å) for every crystal of the sample, the stretched one included."""
     from crystal_transfer.graphs.stage import _table_arrays, file_sha256
 
-    _compiled_search_or_skip()
     arrays = _table_arrays(sample["table"], file_sha256(sample["table"]))
     settings = GraphSettings(isolated_atoms=policy)
-    ties = 0
+    ties = rejected = 0
     for row, crystal_id in enumerate(arrays["ids"]):
         a0, a1 = arrays["atom_ptr"][row], arrays["atom_ptr"][row + 1]
         args = (arrays["lattice"][row], arrays["frac"][a0:a1], arrays["numbers"][a0:a1], settings)
-        ours, theirs = crystal_graph(*args), crystal_graph(*args, use_native=False)
-        assert ours.radius == theirs.radius, crystal_id
-        np.testing.assert_array_equal(ours.nbr_idx, theirs.nbr_idx, err_msg=crystal_id)
-        np.testing.assert_array_equal(ours.nbr_count, theirs.nbr_count, err_msg=crystal_id)
-        np.testing.assert_allclose(ours.nbr_dist, theirs.nbr_dist, rtol=0, atol=1e-6, err_msg=crystal_id)
-        ties += int((np.abs(np.diff(ours.nbr_dist, axis=1)) <= TIE_TOLERANCE).sum())
+        ours, theirs = crystal_graph(*args), crystal_graph(*args, search="pymatgen")
+        _same_graph(ours, theirs, crystal_id)
+        if isinstance(ours, str):
+            rejected += 1
+        else:
+            ties += int((np.abs(np.diff(ours.nbr_dist, axis=1)) <= TIE_TOLERANCE).sum())
     assert ties > 1000  # the tie rule was exercised, not only distinct distances
+    assert rejected == (policy == "drop")  # the stretched crystal
 
 
-def test_compiled_and_pymatgen_shards_are_identical(sample, tmp_path, monkeypatch):
-    """A whole graph folder built with the compiled search (one call per shard) equals the pymatgen-built one."""
-    from crystal_transfer.kernels import native
+@pytest.mark.parametrize(
+    ("radius", "max_num_nbr", "probe_factor"),
+    [
+        (8.0, 12, None), (8.0, 12, 1.2), (5.0, 12, None), (3.0, 12, None), (6.0, 20, 1.5), (8.0, 40, None),
+        (0.9, 12, None),
+    ],
+)
+def test_batched_vesin_search_equals_pymatgen_at_other_radii(sample, monkeypatch, radius, max_num_nbr, probe_factor):
+    """neighbour_lists on the whole sample in one call equals pymatgen's search + select_neighbours crystal by
+    crystal, and the same call without the first, smaller search radius; also where atoms have fewer than
+    max_num_nbr neighbours or none (radius 3 and 0.9 Å), where the k-th neighbour is far (40 neighbours), and with
+    a first radius too small for many atoms (probe_factor: their crystals are searched again with the full one)."""
+    from crystal_transfer.graphs import neighbours
+    from crystal_transfer.graphs.crystal_graph import neighbour_pairs
+    from crystal_transfer.graphs.neighbours import neighbour_lists, select_neighbours
+    from crystal_transfer.graphs.stage import _table_arrays, file_sha256
 
-    _compiled_search_or_skip()
+    if probe_factor is not None:
+        monkeypatch.setattr(neighbours, "PROBE_FACTOR", probe_factor)
+    arrays = _table_arrays(sample["table"], file_sha256(sample["table"]))
+    ptr = arrays["atom_ptr"]
+    batched = neighbour_lists(arrays["lattice"], ptr, arrays["frac"], arrays["numbers"], radius, max_num_nbr)
+    full = neighbour_lists(
+        arrays["lattice"], ptr, arrays["frac"], arrays["numbers"], radius, max_num_nbr, probe=False
+    )
+    for ours, theirs in zip(batched, full, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    nbr_idx, nbr_dist, nbr_count = batched
+    for row, crystal_id in enumerate(arrays["ids"]):
+        a0, a1 = ptr[row], ptr[row + 1]
+        numbers = arrays["numbers"][a0:a1]
+        pairs = neighbour_pairs(arrays["lattice"][row], arrays["frac"][a0:a1], numbers, radius)
+        centre, neighbour, distance = select_neighbours(*pairs, len(numbers), max_num_nbr)
+        count = np.bincount(centre, minlength=len(numbers))
+        slot = np.arange(len(centre)) - np.repeat(np.cumsum(count) - count, count)
+        expected_idx = np.zeros((len(numbers), max_num_nbr), dtype=np.int64)
+        expected_dist = np.full((len(numbers), max_num_nbr), radius + 1.0, dtype=np.float32)
+        expected_idx[centre, slot] = neighbour
+        expected_dist[centre, slot] = distance
+        np.testing.assert_array_equal(nbr_count[a0:a1], count, err_msg=crystal_id)
+        np.testing.assert_array_equal(nbr_idx[a0:a1], expected_idx, err_msg=crystal_id)
+        np.testing.assert_allclose(nbr_dist[a0:a1], expected_dist, rtol=0, atol=1e-6, err_msg=crystal_id)
+
+
+def test_vesin_search_on_thin_and_skewed_cells(sample):
+    """Real crystals in cells far from their reduced ones: a strongly sheared cell (the same crystal, a unimodular
+    change of basis) and a cell squashed to 0.4 Å along c (many images within the radius) give pymatgen's graph."""
+    from pymatgen.core import Structure
+
+    settings = GraphSettings(isolated_atoms="keep")
+    checked = 0
+    for crystal_id in ["mp-2", *sorted(sample["cifs"])[:40:4]]:
+        structure = Structure.from_str(sample["cifs"][crystal_id], fmt="cif")
+        lattice, frac, numbers = structure.lattice.matrix, structure.frac_coords, np.array(structure.atomic_numbers)
+        original = crystal_graph(lattice, frac, numbers, settings)
+        shear = np.array([[1, 4, 0], [0, 1, 0], [0, -3, 1]])
+        assert round(abs(np.linalg.det(shear))) == 1
+        sheared_lattice, sheared_frac = shear @ lattice, frac @ np.linalg.inv(shear)
+        squashed = lattice.copy()
+        squashed[2] *= 0.4 / np.abs(np.linalg.det(lattice) / np.linalg.norm(np.cross(lattice[0], lattice[1])))
+        for cell, coords in ((sheared_lattice, sheared_frac), (squashed, frac)):
+            ours, theirs = crystal_graph(cell, coords, numbers, settings), crystal_graph(
+                cell, coords, numbers, settings, search="pymatgen"
+            )
+            _same_graph(ours, theirs, crystal_id)
+            checked += 1
+        # the sheared cell is the same crystal: the same distances (indices may differ inside a tie shell)
+        sheared = crystal_graph(sheared_lattice, sheared_frac, numbers, settings)
+        np.testing.assert_allclose(sheared.nbr_dist, original.nbr_dist, rtol=0, atol=1e-5, err_msg=crystal_id)
+    assert checked == 22
+
+
+def test_vesin_and_pymatgen_shards_are_identical(sample, tmp_path):
+    """A whole graph folder built with vesin (one call per shard) equals the pymatgen-built one."""
     settings = GraphSettings()
-    build_graphs(sample["table"], tmp_path / "compiled", settings, 100, dataset="sample", log=lambda _: None)
-    monkeypatch.setenv("CRYSTAL_TRANSFER_NATIVE", "0")
-    native.reset()
-    try:
-        build_graphs(sample["table"], tmp_path / "pymatgen", settings, 100, dataset="sample", log=lambda _: None)
-    finally:
-        monkeypatch.delenv("CRYSTAL_TRANSFER_NATIVE")
-        native.reset()
-    compiled, pymatgen = (read_json(tmp_path / side / "manifest.json") for side in ("compiled", "pymatgen"))
-    assert compiled["counts"] == pymatgen["counts"] and compiled["extended"] == pymatgen["extended"]
-    for entry in compiled["shards"]:
-        one, two = (tmp_path / side / entry["file"] for side in ("compiled", "pymatgen"))
+    build_graphs(sample["table"], tmp_path / "vesin", settings, 100, dataset="sample", log=lambda _: None)
+    build_graphs(
+        sample["table"], tmp_path / "pymatgen", settings, 100, dataset="sample", log=lambda _: None, search="pymatgen"
+    )
+    ours, pymatgen = (read_json(tmp_path / side / "manifest.json") for side in ("vesin", "pymatgen"))
+    assert ours["counts"] == pymatgen["counts"] and ours["extended"] == pymatgen["extended"]
+    for entry in ours["shards"]:
+        one, two = (tmp_path / side / entry["file"] for side in ("vesin", "pymatgen"))
         first, second = map_arrays(one, read_header(one)), map_arrays(two, read_header(two))
         assert read_header(one)["meta"]["ids"] == read_header(two)["meta"]["ids"]
         for name in first:
@@ -339,50 +411,72 @@ def test_compiled_and_pymatgen_shards_are_identical(sample, tmp_path, monkeypatc
                 np.testing.assert_array_equal(first[name], second[name], err_msg=name)
 
 
-def test_compiled_neighbour_search_keeps_pymatgens_cut_off_below_1_angstrom(sample):
+def test_vesin_search_keeps_pymatgens_cut_off_below_1_angstrom(sample):
     """Below its min_r of 1 Å pymatgen keeps d <= r exactly (above it, d² < r² + 1e-8): a neighbour 5e-9 Å beyond
     a radius of 0.9 Å is out on both paths."""
     from pymatgen.core import Structure
 
-    _compiled_search_or_skip()
     structure = Structure.from_str(sample["cifs"]["mp-2"], fmt="cif")  # fcc Pd, one atom per cell
     nearest = min(n.nn_distance for n in structure.get_neighbors(structure[0], 4.0))
     structure.scale_lattice(structure.volume * ((0.9 + 5e-9) / nearest) ** 3)
     args = (structure.lattice.matrix, structure.frac_coords, np.array(structure.atomic_numbers))
     settings = GraphSettings(radius=0.9, isolated_atoms="keep")
-    ours, theirs = crystal_graph(*args, settings), crystal_graph(*args, settings, use_native=False)
+    ours, theirs = crystal_graph(*args, settings), crystal_graph(*args, settings, search="pymatgen")
     assert theirs.nbr_count.tolist() == [0] and ours.nbr_count.tolist() == [0]
     settings = GraphSettings(radius=0.9 + 1e-8, isolated_atoms="keep")
-    ours, theirs = crystal_graph(*args, settings), crystal_graph(*args, settings, use_native=False)
+    ours, theirs = crystal_graph(*args, settings), crystal_graph(*args, settings, search="pymatgen")
     assert theirs.nbr_count.tolist() == ours.nbr_count.tolist() == [12]
+    # above 1 Å: d² < r² + 1e-8, i.e. d < r + 2.5e-9 Å at r = 2 Å: a neighbour 2e-9 Å beyond is in, 3e-9 Å out
+    structure.scale_lattice(structure.volume * (2.0 / (0.9 + 5e-9)) ** 3)
+    args = (structure.lattice.matrix, structure.frac_coords, np.array(structure.atomic_numbers))
+    for beyond, count in ((2e-9, 12), (3e-9, 0)):
+        settings = GraphSettings(radius=2.0 - beyond, isolated_atoms="keep")
+        ours, theirs = crystal_graph(*args, settings), crystal_graph(*args, settings, search="pymatgen")
+        assert theirs.nbr_count.tolist() == ours.nbr_count.tolist() == [count], beyond
 
 
-def test_compiled_neighbour_search_names_a_broken_crystal(sample):
-    """A singular lattice or a non-finite coordinate is refused with the reason, not a crash or a silent graph."""
-    from crystal_transfer.graphs.stage import NeighbourSearchError, _native_lists
-    from crystal_transfer.kernels import native
+def test_vesin_search_names_a_broken_crystal(sample, tmp_path):
+    """A singular lattice, a non-finite coordinate or a cell far thinner than the radius is refused with the reason
+    (and, in the graphs stage, the crystal's id), not a crash, an exhausted memory or a silent graph."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    _compiled_search_or_skip()
-    lib = native.neighbour_kernels()
+    from crystal_transfer.graphs.crystal_graph import _search_lists
+    from crystal_transfer.graphs.errors import NeighbourSearchError
+    from crystal_transfer.graphs.stage import build_shard, make_plan
+
     good = np.eye(3) * 4.0
     flat = np.array([[4.0, 0, 0], [0, 4.0, 0], [4.0, 4.0, 0]])  # three coplanar rows: zero volume
     frac = np.array([[0.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.1, 0.2, 0.3]])
     with pytest.raises(NeighbourSearchError, match="singular lattice") as caught:
-        _native_lists(lib, np.stack([good, flat]), np.array([0, 2, 3]), frac, np.array([8, 8, 8]),
-                      np.array([8.0, 8.0]), 12, TIE_TOLERANCE)
-    assert caught.value.crystal == 1
+        _search_lists(np.stack([good, flat]), np.array([0, 2, 3]), frac, np.array([8, 8, 8]), 8.0, 12, TIE_TOLERANCE)
+    assert caught.value.crystal == 1 and isinstance(caught.value, GraphStageError)
     thin = good.copy()
-    thin[2, 2] = 1e-7  # a cell far thinner than the radius: about 1e16 images
+    thin[2, 2] = 1e-7  # a cell far thinner than the radius: about 1e10 images
     with pytest.raises(NeighbourSearchError, match="thinner than the radius"):
-        _native_lists(lib, thin[None], np.array([0, 2]), frac[:2], np.array([8, 8]), np.array([8.0]), 12, TIE_TOLERANCE)
+        _search_lists(thin[None], np.array([0, 2]), frac[:2], np.array([8, 8]), 8.0, 12, TIE_TOLERANCE)
+    with pytest.raises(NeighbourSearchError, match="thinner than the radius"):
+        crystal_graph(thin, frac[:2], np.array([8, 8]), GraphSettings())
     with pytest.raises(GraphStageError, match="inconsistent crystal arrays"):
-        _native_lists(lib, good[None], np.array([0, 3]), frac[:2], np.array([8, 8, 8]), np.array([8.0]), 12,
-                      TIE_TOLERANCE)
-    frac[1, 2] = np.nan
+        _search_lists(good[None], np.array([0, 3]), frac[:2], np.array([8, 8, 8]), 8.0, 12, TIE_TOLERANCE)
+    bad = frac[:2].copy()
+    bad[1, 2] = np.nan
     with pytest.raises(NeighbourSearchError, match="non-finite") as caught:
-        _native_lists(lib, good[None], np.array([0, 2]), frac[:2], np.array([8, 8]), np.array([8.0]), 12,
-                      TIE_TOLERANCE)
-    assert caught.value.crystal == 0
+        _search_lists(np.stack([good, good]), np.array([0, 1, 2]), bad, np.array([8, 8]), 8.0, 12, TIE_TOLERANCE)
+    assert caught.value.crystal == 1
+    # through the stage: the shard names the crystal's id and row
+    table = pq.read_table(sample["table"])
+    lattices = table.column("lattice").to_pylist()
+    lattices[5] = flat.ravel().tolist()
+    broken = table.set_column(
+        table.schema.get_field_index("lattice"), "lattice", pa.array(lattices, type=table.schema.field("lattice").type)
+    )
+    path = tmp_path / "broken.parquet"
+    pq.write_table(broken, path)
+    make_plan(path, "broken", GraphSettings(), 1000, tmp_path / "plan.json")
+    crystal_id = table.column("id")[5].as_py()
+    with pytest.raises(GraphStageError, match=rf"crystal {crystal_id} \(row 5 of .*singular lattice"):
+        build_shard(tmp_path / "plan.json", 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

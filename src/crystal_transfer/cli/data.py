@@ -53,7 +53,7 @@ def _cmd_split(args: argparse.Namespace) -> int:
 
 def _graph_settings(args: argparse.Namespace):
     """Graph settings and shard size from --settings JSON (a config's graphs section) or --config."""
-    from crystal_transfer.graphs.stage import graph_config
+    from crystal_transfer.graphs.settings import graph_config
 
     if args.settings:
         section = json_arg(args.settings)

@@ -16,8 +16,9 @@ import torch
 from crystal_transfer.atomic import write_csv
 from crystal_transfer.data.sources.local import _crystal_id, structure_files, structure_format
 from crystal_transfer.data.structures import Rejection, parse_crystal
+from crystal_transfer.graphs.crystal_graph import crystal_graph
 from crystal_transfer.graphs.dataset import CrystalItem, collate_graphs
-from crystal_transfer.graphs.stage import GraphSettings, crystal_graph
+from crystal_transfer.graphs.settings import GraphSettings
 from crystal_transfer.models.saved import load_model
 
 BATCH = 128

@@ -20,16 +20,10 @@ import torch
 
 from crystal_transfer.errors import MissingError
 from crystal_transfer.graphs.batch import GraphBatch
+from crystal_transfer.graphs.errors import GraphStageError
+from crystal_transfer.graphs.settings import GraphSettings
 from crystal_transfer.graphs.shards import ShardFormatError, map_arrays, read_header
-from crystal_transfer.graphs.stage import (
-    MANIFEST_FILE,
-    REJECTED_FILE,
-    GraphSettings,
-    GraphStageError,
-    file_sha256,
-    read_json,
-    rebuild_command,
-)
+from crystal_transfer.graphs.stage import MANIFEST_FILE, REJECTED_FILE, file_sha256, read_json, rebuild_command
 
 
 @dataclass

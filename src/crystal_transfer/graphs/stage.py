@@ -2,20 +2,8 @@
 
 Per crystal a shard keeps the atomic numbers and, per atom, up to ``max_num_nbr`` neighbours within
 ``radius``: their indices (local to the crystal) and distances. Gaussian edge features are never stored;
-models expand the distances (:func:`gaussian_expand`).
-
-Neighbour selection reproduces CGCNN (``CIFData``): all neighbours within the radius (periodic images
-included, as pymatgen's ``get_all_neighbors``), sorted by distance, the first ``max_num_nbr`` kept. The
-search and selection run in ``neighbour_kernels.c`` (compiled by :mod:`crystal_transfer.kernels.native`, one call per
-shard); where no C compiler works, in pymatgen's ``find_points_in_spheres`` (the routine behind
-``get_all_neighbors``) plus NumPy, per crystal. Both give the same graphs (a test compares them on real crystals).
-Ties are broken deterministically: distances within ``TIE_TOLERANCE`` of
-each other form one shell, ordered by neighbour index, then by periodic image. CGCNN keeps pymatgen's
-output order inside a tie, which differs between pymatgen versions.
-
-Padding: an atom with fewer neighbours than ``max_num_nbr`` gets padded slots that point at the crystal's
-atom 0 at distance ``radius + 1`` (CGCNN's values). They are masked out unless ``cgcnn_padding`` asks for
-the original behaviour (padded slots used as real ones).
+models expand the distances (:func:`crystal_transfer.models.layers.gaussian_expand`). One crystal's graph:
+:mod:`crystal_transfer.graphs.crystal_graph`; the settings: :mod:`crystal_transfer.graphs.settings`.
 
 Files in the output folder:
 
@@ -30,7 +18,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,314 +27,23 @@ import pyarrow.parquet as pq
 from crystal_transfer import __version__
 from crystal_transfer.atomic import sha256_file as file_sha256
 from crystal_transfer.atomic import write_csv, write_json
-from crystal_transfer.errors import UserError
+from crystal_transfer.graphs.crystal_graph import (
+    ISOLATED_ATOM,
+    CrystalGraph,
+    _index_dtype,
+    _search_lists,
+    crystal_graph,
+)
+from crystal_transfer.graphs.errors import GraphStageError, NeighbourSearchError
+from crystal_transfer.graphs.settings import SEARCHES, GraphSettings
 from crystal_transfer.graphs.shards import map_arrays, read_header, write_shard
-from crystal_transfer.kernels import native
 
 PLAN_FILE = "plan.json"
 MANIFEST_FILE = "manifest.json"
 REJECTED_FILE = "rejected.csv"
 SHARD_PATTERN = "shard-{index:05d}.cgs"
 REJECTED_COLUMNS = ["id", "reason", "message"]
-ISOLATED_ATOM = "isolated_atom"
-ISOLATED_POLICIES = ("extend", "drop", "keep")
-TIE_TOLERANCE = 1e-6  # Å: neighbour distances closer than this are one shell
-NUMERICAL_TOL = 1e-8  # Å: pymatgen's default; coincident pairs closer than this are the atom itself
-PARTITION_MARGIN = 1e-3  # Å: candidates kept beyond the k-th distance before the exact tie-aware sort
 TABLE_COLUMNS = ["id", "num_sites", "lattice", "numbers", "frac_coords"]
-
-
-class GraphStageError(UserError):
-    """The graphs stage cannot run or its outputs cannot be trusted (stale, corrupted or missing shards)."""
-
-
-class NeighbourSearchError(GraphStageError):
-    """The compiled neighbour search refused crystal ``crystal`` (index in its batch) of a batch."""
-
-    REASONS = {
-        -1: "out of memory",
-        -2: "singular lattice (zero volume)",
-        -3: "non-finite fractional coordinates",
-        -4: "a cell far thinner than the radius (more than 1e8 periodic images to search)",
-    }
-
-    def __init__(self, crystal: int, status: int) -> None:
-        self.crystal = crystal
-        self.what = f"neighbour search failed: {self.REASONS.get(status, f'error {status}')}"
-        super().__init__(f"crystal {crystal} of the batch: {self.what}")
-
-
-@dataclass(frozen=True)
-class GraphSettings:
-    """Everything that determines a crystal graph; stored in the plan, every shard and the manifest.
-
-    Attributes:
-        radius: neighbour cut-off in Å (CGCNN: 8).
-        max_num_nbr: neighbour slots per atom (CGCNN: 12).
-        isolated_atoms: what to do with a crystal where an atom has no neighbour within the radius:
-            ``extend`` grows that crystal's radius by ``extend_step`` until every atom has one (up to
-            ``max_radius``, else it is dropped), ``drop`` rejects the crystal, ``keep`` leaves the atom with
-            padded slots only (the original CGCNN behaviour).
-        cgcnn_padding: mark padded slots as real (the original code does not mask them).
-        extend_step: radius increment in Å for ``extend``.
-        max_radius: largest radius ``extend`` may reach.
-        tie_tolerance: distances closer than this are a tie (fixed, recorded for provenance).
-    """
-
-    radius: float = 8.0
-    max_num_nbr: int = 12
-    isolated_atoms: str = "extend"
-    cgcnn_padding: bool = False
-    extend_step: float = 1.0
-    max_radius: float = 16.0
-    tie_tolerance: float = TIE_TOLERANCE
-
-    def __post_init__(self) -> None:
-        if self.isolated_atoms not in ISOLATED_POLICIES:
-            raise GraphStageError(
-                f"isolated_atoms must be one of {', '.join(ISOLATED_POLICIES)}, not '{self.isolated_atoms}'"
-            )
-        if not (self.radius > 0 and self.max_num_nbr > 0 and self.extend_step > 0):
-            raise GraphStageError(f"radius, max_num_nbr and extend_step must be positive: {self}")
-        if self.max_radius < self.radius:
-            raise GraphStageError(f"max_radius ({self.max_radius}) is below radius ({self.radius})")
-
-    def as_dict(self) -> dict[str, Any]:
-        """The settings as a JSON-ready dict (floats and ints normalised, so equal settings compare equal)."""
-        data = asdict(self)
-        for key in ("radius", "extend_step", "max_radius", "tie_tolerance"):
-            data[key] = float(data[key])
-        data["max_num_nbr"] = int(data["max_num_nbr"])
-        data["cgcnn_padding"] = bool(data["cgcnn_padding"])
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GraphSettings:
-        """Build settings from a dict (a config's ``graphs`` section; ``shard_size`` is ignored)."""
-        known = {key: value for key, value in data.items() if key in cls.__dataclass_fields__}
-        unknown = set(data) - set(known) - {"shard_size"}
-        if unknown:
-            raise GraphStageError(f"unknown graph settings: {', '.join(sorted(unknown))}")
-        return cls(**known).normalised()
-
-    def normalised(self) -> GraphSettings:
-        """A copy with plain Python types."""
-        return GraphSettings(**self.as_dict())
-
-
-def graph_config(section: dict[str, Any] | None) -> tuple[GraphSettings, int]:
-    """Validate a config ``graphs`` section against the schema (defaults filled); return settings and shard size."""
-    import jsonschema
-
-    from crystal_transfer.config import ConfigError, _fill_defaults, load_schema
-
-    schema = load_schema()
-    subschema = schema["properties"]["graphs"]
-    section = json.loads(json.dumps(section or {}))
-    _fill_defaults(section, subschema, schema)
-    errors = list(jsonschema.Draft202012Validator(subschema).iter_errors(section))
-    if errors:
-        raise ConfigError("invalid graphs settings: " + "; ".join(sorted(e.message for e in errors)))
-    return GraphSettings.from_dict(section), int(section["shard_size"])
-
-
-# --------------------------------------------------------------------------------------------------------------
-# One crystal
-
-
-@dataclass
-class CrystalGraph:
-    """The graph of one crystal.
-
-    Attributes:
-        nbr_idx: (n, M) neighbour atom index within the crystal (padded slots: 0).
-        nbr_dist: (n, M) float32 distances in Å (padded slots: radius + 1).
-        nbr_count: (n,) number of real neighbour slots of each atom (the rest is padding).
-        radius: the radius used (larger than the setting if the crystal was extended).
-    """
-
-    nbr_idx: np.ndarray
-    nbr_dist: np.ndarray
-    nbr_count: np.ndarray
-    radius: float
-
-
-def neighbour_pairs(
-    lattice: np.ndarray, frac_coords: np.ndarray, numbers: np.ndarray, radius: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Every (centre, neighbour) pair within ``radius`` over periodic images, as pymatgen's get_all_neighbors.
-
-    Returns ``(centre, neighbour, image (E, 3) float, distance)``; the atom itself (distance below
-    pymatgen's 1e-8 Å tolerance, same element) is excluded, exactly as ``get_all_neighbors`` does.
-    """
-    from pymatgen.optimization.neighbors import find_points_in_spheres
-
-    lattice = np.ascontiguousarray(lattice, dtype=np.float64).reshape(3, 3)
-    cart = np.ascontiguousarray(np.asarray(frac_coords, dtype=np.float64).reshape(-1, 3) @ lattice)
-    centre, neighbour, image, distance = find_points_in_spheres(
-        cart, cart, r=float(radius), pbc=np.ones(3, dtype=np.int64), lattice=lattice, tol=NUMERICAL_TOL
-    )
-    numbers = np.asarray(numbers)
-    itself = (distance <= NUMERICAL_TOL) & (numbers[centre] == numbers[neighbour])
-    if itself.any():
-        keep = ~itself
-        centre, neighbour, image, distance = centre[keep], neighbour[keep], image[keep], distance[keep]
-    return centre, neighbour, image, distance
-
-
-def select_neighbours(
-    centre: np.ndarray,
-    neighbour: np.ndarray,
-    image: np.ndarray,
-    distance: np.ndarray,
-    num_atoms: int,
-    max_num_nbr: int,
-    tie_tolerance: float = TIE_TOLERANCE,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per centre, the ``max_num_nbr`` nearest pairs in tie-aware order; returns ``(centre, neighbour, distance)``.
-
-    Pairs are sorted by distance; distances within ``tie_tolerance`` of the previous one join its shell, and a
-    shell is ordered by neighbour index, then image. The selected pairs come out grouped by centre (ascending)
-    and in that order.
-    """
-    if len(distance) == 0:
-        return centre, neighbour, distance
-    counts = np.bincount(centre, minlength=num_atoms)
-    if counts.max() > max_num_nbr:
-        # Cheap pre-selection: keep pairs within (k-th smallest distance + margin) of their centre.
-        order = np.argsort(centre, kind="stable")
-        centre, neighbour, image, distance = centre[order], neighbour[order], image[order], distance[order]
-        starts = np.zeros(num_atoms, dtype=np.int64)
-        np.cumsum(counts[:-1], out=starts[1:])
-        slot = np.arange(len(centre)) - starts[centre]
-        dense = np.full((num_atoms, int(counts.max())), np.inf)
-        dense[centre, slot] = distance
-        kth = np.partition(dense, max_num_nbr - 1, axis=1)[:, max_num_nbr - 1]
-        keep = distance <= kth[centre] + PARTITION_MARGIN
-        centre, neighbour, image, distance = centre[keep], neighbour[keep], image[keep], distance[keep]
-    order = np.lexsort((image[:, 2], image[:, 1], image[:, 0], neighbour, distance, centre))
-    centre, neighbour, image, distance = centre[order], neighbour[order], image[order], distance[order]
-    new_shell = np.ones(len(distance), dtype=bool)
-    new_shell[1:] = (centre[1:] != centre[:-1]) | (np.diff(distance) > tie_tolerance)
-    shell = np.cumsum(new_shell)
-    order = np.lexsort((image[:, 2], image[:, 1], image[:, 0], neighbour, shell))
-    centre, neighbour, distance = centre[order], neighbour[order], distance[order]
-    first = np.ones(len(centre), dtype=bool)
-    first[1:] = centre[1:] != centre[:-1]
-    group_start = np.maximum.accumulate(np.where(first, np.arange(len(centre)), 0))
-    keep = np.arange(len(centre)) - group_start < max_num_nbr
-    return centre[keep], neighbour[keep], distance[keep]
-
-
-def _index_dtype(num_atoms: int) -> type:
-    """The smallest integer type that holds atom indices of a crystal (or shard) with ``num_atoms`` atoms."""
-    return np.uint8 if num_atoms <= 256 else np.uint16 if num_atoms <= 65536 else np.int32
-
-
-def _native_lists(
-    lib: Any,
-    lattices: np.ndarray,
-    atom_ptr: np.ndarray,
-    frac: np.ndarray,
-    numbers: np.ndarray,
-    radii: np.ndarray,
-    max_num_nbr: int,
-    tie_tolerance: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Neighbour lists of several crystals by ``neighbour_kernels.c``: ``(nbr_idx, nbr_dist, nbr_count)`` per atom.
-
-    Crystal ``c`` is atoms ``atom_ptr[c]:atom_ptr[c + 1]``; its padded slots point at atom 0 at ``radii[c] + 1``.
-    """
-    lattices = np.ascontiguousarray(lattices, dtype=np.float64).reshape(-1, 9)
-    atom_ptr = np.ascontiguousarray(atom_ptr, dtype=np.int64)
-    frac = np.ascontiguousarray(frac, dtype=np.float64).reshape(-1, 3)
-    numbers = np.ascontiguousarray(numbers, dtype=np.int64)
-    radii = np.ascontiguousarray(radii, dtype=np.float64)
-    pad = (radii + 1.0).astype(np.float32)
-    atoms = int(atom_ptr[-1] - atom_ptr[0])
-    if atom_ptr[0] != 0:
-        atom_ptr = atom_ptr - atom_ptr[0]
-    # the C loop reads these arrays unchecked
-    if len(frac) != atoms or len(numbers) != atoms or len(lattices) != len(radii) or len(atom_ptr) != len(radii) + 1:
-        raise GraphStageError(
-            f"inconsistent crystal arrays: {len(frac)} coordinate rows and {len(numbers)} atomic numbers for {atoms} "
-            f"atoms; {len(lattices)} lattices and {len(radii)} radii for {len(atom_ptr) - 1} crystals"
-        )
-    nbr_idx = np.empty((atoms, max_num_nbr), dtype=np.int64)
-    nbr_dist = np.empty((atoms, max_num_nbr), dtype=np.float32)
-    nbr_count = np.empty(atoms, dtype=np.int64)
-    failed = np.zeros(1, dtype=np.int64)
-    status = lib.ct_neighbour_lists(
-        len(radii), atom_ptr.ctypes.data, lattices.ctypes.data, frac.ctypes.data, numbers.ctypes.data,
-        radii.ctypes.data, pad.ctypes.data, max_num_nbr, NUMERICAL_TOL, tie_tolerance, PARTITION_MARGIN,
-        nbr_idx.ctypes.data, nbr_dist.ctypes.data, nbr_count.ctypes.data, failed.ctypes.data,
-    )
-    if status != 0:
-        raise NeighbourSearchError(int(failed[0]), int(status))
-    return nbr_idx, nbr_dist, nbr_count
-
-
-def crystal_graph(
-    lattice: np.ndarray,
-    frac_coords: np.ndarray,
-    numbers: np.ndarray,
-    settings: GraphSettings,
-    use_native: bool = True,
-) -> CrystalGraph | str:
-    """The graph of one crystal, or a rejection message when an isolated atom makes the policy drop it.
-
-    ``use_native=False`` takes pymatgen's search even where the compiled one is available (tests compare them).
-    """
-    numbers = np.asarray(numbers)
-    num_atoms = len(numbers)
-    m = settings.max_num_nbr
-    radius = settings.radius
-    lib = native.neighbour_kernels() if use_native else None
-    while True:
-        if lib is not None:
-            lists = _native_lists(
-                lib, np.asarray(lattice).reshape(1, 3, 3), np.array([0, num_atoms]), frac_coords, numbers,
-                np.array([radius]), m, settings.tie_tolerance,
-            )
-            counts = lists[2]
-        else:
-            centre, neighbour, image, distance = neighbour_pairs(lattice, frac_coords, numbers, radius)
-            counts = np.bincount(centre, minlength=num_atoms)
-        isolated = np.flatnonzero(counts == 0)
-        if len(isolated) == 0 or settings.isolated_atoms == "keep":
-            break
-        if settings.isolated_atoms == "drop" or radius + settings.extend_step > settings.max_radius + 1e-9:
-            first = int(isolated[0])
-            reach = f"{radius:g} Å" + (
-                f" (extended up to max_radius {settings.max_radius:g} Å)" if settings.isolated_atoms == "extend" else ""
-            )
-            return f"{len(isolated)} atom(s) without a neighbour within {reach}, e.g. atom {first} (Z={numbers[first]})"
-        radius = radius + settings.extend_step
-    if lib is not None:
-        nbr_idx, nbr_dist, nbr_count = lists
-        return CrystalGraph(nbr_idx.astype(_index_dtype(num_atoms)), nbr_dist, nbr_count.astype(np.uint8), radius)
-    centre, neighbour, distance = select_neighbours(
-        centre, neighbour, image, distance, num_atoms, m, settings.tie_tolerance
-    )
-    nbr_count = np.bincount(centre, minlength=num_atoms)
-    slot = np.arange(len(centre)) - np.repeat(np.cumsum(nbr_count) - nbr_count, nbr_count)
-    nbr_idx = np.zeros((num_atoms, m), dtype=_index_dtype(num_atoms))
-    nbr_dist = np.full((num_atoms, m), radius + 1.0, dtype=np.float32)
-    nbr_idx[centre, slot] = neighbour
-    nbr_dist[centre, slot] = distance
-    return CrystalGraph(nbr_idx=nbr_idx, nbr_dist=nbr_dist, nbr_count=nbr_count.astype(np.uint8), radius=radius)
-
-
-def gaussian_expand(distances: Any, radius: float = 8.0, step: float = 0.2, dmin: float = 0.0) -> Any:
-    """CGCNN's Gaussian edge features of ``distances`` (a torch tensor): exp(-(d - μ)² / step²).
-
-    Centres μ are ``dmin, dmin + step, ..., radius`` as CGCNN's ``GaussianDistance`` builds them
-    (``np.arange(dmin, radius + step, step)``: 41 centres for 0..8 Å in steps of 0.2). Adds a last axis.
-    """
-    import torch
-
-    centres = torch.as_tensor(np.arange(dmin, radius + step, step), dtype=distances.dtype, device=distances.device)
-    return torch.exp(-((distances.unsqueeze(-1) - centres) ** 2) / step**2)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -408,8 +104,20 @@ def _table_arrays(table: str | Path, sha256: str) -> dict[str, Any]:
     return _TABLE_CACHE[key]
 
 
-def build_shard(plan_path: str | Path, index: int, table: str | Path | None = None, out: str | Path | None = None):
-    """Build shard ``index`` of the plan at ``plan_path`` (default output: beside the plan). Returns its header meta."""
+def build_shard(
+    plan_path: str | Path,
+    index: int,
+    table: str | Path | None = None,
+    out: str | Path | None = None,
+    search: str = "vesin",
+):
+    """Build shard ``index`` of the plan at ``plan_path`` (default output: beside the plan). Returns its header meta.
+
+    ``search="pymatgen"``: pymatgen's neighbour search, crystal by crystal, instead of vesin's for the whole shard
+    (the same shard; tests and benchmarks compare them)."""
+    # long: reading the plan's rows, searching them, recording rejections and writing the shard are one pass
+    if search not in SEARCHES:
+        raise GraphStageError(f"search must be one of {', '.join(SEARCHES)}, not '{search}'")
     plan_path = Path(plan_path)
     plan = read_json(plan_path)
     if not 0 <= index < len(plan["shards"]):
@@ -434,14 +142,13 @@ def build_shard(plan_path: str | Path, index: int, table: str | Path | None = No
     extended: list[dict[str, Any]] = []
     rejected: list[dict[str, str]] = []
     atom_ptr, frac, numbers_all = arrays["atom_ptr"], arrays["frac"], arrays["numbers"]
-    lib = native.neighbour_kernels()
-    if lib is not None and stop > start:  # the whole shard in one call; rows with an isolated atom redone below
+    batched = search == "vesin" and stop > start
+    if batched:  # the whole shard in one call; rows with an isolated atom redone below
         first = atom_ptr[start]
         try:
-            lists = _native_lists(
-                lib, arrays["lattice"][start:stop], atom_ptr[start : stop + 1], frac[first : atom_ptr[stop]],
-                numbers_all[first : atom_ptr[stop]], np.full(stop - start, settings.radius), settings.max_num_nbr,
-                settings.tie_tolerance,
+            lists = _search_lists(
+                arrays["lattice"][start:stop], atom_ptr[start : stop + 1], frac[first : atom_ptr[stop]],
+                numbers_all[first : atom_ptr[stop]], settings.radius, settings.max_num_nbr, settings.tie_tolerance,
             )
         except NeighbourSearchError as error:
             row = start + error.crystal
@@ -449,13 +156,13 @@ def build_shard(plan_path: str | Path, index: int, table: str | Path | None = No
     for row in range(start, stop):
         a0, a1 = atom_ptr[row], atom_ptr[row + 1]
         numbers = numbers_all[a0:a1]
-        if lib is not None and (settings.isolated_atoms == "keep" or lists[2][a0 - first : a1 - first].all()):
+        if batched and (settings.isolated_atoms == "keep" or lists[2][a0 - first : a1 - first].all()):
             local = slice(a0 - first, a1 - first)
             graph = CrystalGraph(
                 lists[0][local], lists[1][local], lists[2][local].astype(np.uint8), settings.radius
             )
         else:
-            graph = crystal_graph(arrays["lattice"][row], frac[a0:a1], numbers, settings)
+            graph = crystal_graph(arrays["lattice"][row], frac[a0:a1], numbers, settings, search)
         crystal_id = arrays["ids"][row]
         if isinstance(graph, str):
             rejected.append({"id": crystal_id, "reason": ISOLATED_ATOM, "message": graph})
@@ -513,6 +220,7 @@ def rebuild_command(graph_dir: str | Path, plan: dict[str, Any], shards: list[in
 
 def write_manifest(plan_path: str | Path, out: str | Path | None = None) -> dict[str, Any]:
     """Check every shard of the plan against it, then write ``manifest.json`` and ``rejected.csv`` beside it."""
+    # long: every check of every shard against the plan, each with its own rebuild message
     plan_path = Path(plan_path)
     plan = read_json(plan_path)
     folder = plan_path.parent
@@ -576,9 +284,9 @@ def write_manifest(plan_path: str | Path, out: str | Path | None = None) -> dict
     return manifest
 
 
-def _build_shard_job(job: tuple[str, int]) -> int:
-    plan_path, index = job
-    build_shard(plan_path, index)
+def _build_shard_job(job: tuple[str, int, str]) -> int:
+    plan_path, index, search = job
+    build_shard(plan_path, index, search=search)
     return index
 
 
@@ -591,14 +299,17 @@ def build_graphs(
     workers: int = 1,
     shards: list[int] | None = None,
     log=print,
+    search: str = "vesin",
 ) -> dict[str, Any]:
-    """Plan, build every shard (or only ``shards``) in ``workers`` spawned processes, and write the manifest."""
+    """Plan, build every shard (or only ``shards``) in ``workers`` spawned processes, and write the manifest.
+
+    ``search``: the neighbour search, ``vesin`` or ``pymatgen`` (the same graphs; see :func:`build_shard`)."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
     plan_path = out_dir / PLAN_FILE
     plan = make_plan(table, dataset, settings, shard_size, plan_path)
     indices = list(range(len(plan["shards"]))) if shards is None else sorted(set(shards))
-    jobs = [(str(plan_path), i) for i in indices]
+    jobs = [(str(plan_path), i, search) for i in indices]
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             _build_shard_job(job)

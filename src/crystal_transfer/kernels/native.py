@@ -1,23 +1,20 @@
 """Compiled CPU kernels, built with the machine's C compiler on first use and loaded with ``ctypes``.
 
-Two libraries, each compiled once per machine, compiler and source into a cache directory (no PyTorch headers,
-so a build is quick):
+Every library here is compiled once per machine, compiler and source into a cache directory (no PyTorch headers,
+so a build is quick), and its functions' signatures are declared once, in :data:`LIBRARIES`:
 
 - ``gated`` (``gated_kernels.c``, :func:`kernels`): the gated convolution's edge part. PyTorch runs CGCNN's
   BatchNorm, sigmoid, softplus, product, neighbour sum and their gradients as one pass over the (atoms × 12 × 128)
   edge tensor per operation, and its CPU ``softplus``, ``exp`` and ``log`` are slow on some machines (figures in
   benchmarks/README.md); the library does those passes in five
-  vectorised loops (``-O3 -march=native -ffast-math``);
-- ``neighbours`` (``neighbour_kernels.c``, :func:`neighbour_kernels`): periodic neighbour lists with CGCNN's
-  selection rules for the graphs stage (``-O2 -ffp-contract=off``, strict IEEE arithmetic without fused
-  multiply-adds: the same lists as the pymatgen path, on any CPU).
+  vectorised loops (``-O3 -march=native -ffast-math``).
 
 Each source is compiled to an object file and linked in a second step without the optimisation flags: gcc before
 13 links ``crtfastmath.o`` into a shared library linked with ``-ffast-math``, and loading that library would switch
 the whole process to flush-to-zero arithmetic (every float32 subnormal in NumPy and PyTorch read as 0).
 
 Where no C compiler works (or with ``CRYSTAL_TRANSFER_NATIVE=0``) a library is None, ``unavailable_reason()`` says
-why, and the callers keep their Python paths (``models.gated.TorchGatedMessages``, pymatgen's neighbour search): the
+why, and the callers keep their Python paths (``models.gated.TorchGatedMessages``): the
 same numbers to float rounding, slower. The cache directory is ``native/`` in the project's cache folder
 (:mod:`crystal_transfer.cache`); where that cannot be written, the system's temporary directory.
 """
@@ -73,19 +70,6 @@ LIBRARIES = {
         "compiled kernels",
         "PyTorch path",
         "compiled CGCNN kernels unavailable ({reason}); using the PyTorch path, same results, slower",
-    ),
-    "neighbours": _Library(
-        "neighbour_kernels.c",
-        (("-O2", "-march=native", "-ffp-contract=off"), ("-O2", "-ffp-contract=off")),
-        {
-            "ct_neighbour_lists": (
-                [_I] + [_P] * 6 + [_I, ctypes.c_double, ctypes.c_double, ctypes.c_double] + [_P] * 4,
-                ctypes.c_int64,
-            ),
-        },
-        "compiled neighbour search",
-        "pymatgen's search",
-        "compiled neighbour search unavailable ({reason}); using pymatgen's, same graphs, slower",
     ),
 }
 _LOCK = threading.Lock()
@@ -211,11 +195,6 @@ def library(name: str) -> ctypes.CDLL | None:
 def kernels() -> ctypes.CDLL | None:
     """The gated convolution's kernels (``gated_kernels.c``), or None where they cannot be built."""
     return library("gated")
-
-
-def neighbour_kernels() -> ctypes.CDLL | None:
-    """The neighbour search (``neighbour_kernels.c``), or None where it cannot be built."""
-    return library("neighbours")
 
 
 def unavailable_reason(name: str = "gated") -> str | None:
