@@ -5,13 +5,13 @@ The published architecture (atom_fea_len 64, 4 convolutions, h_fea_len 32, n_h 1
 (``ours_batches``; ``ours_step``: forward, masked MSE, zero_grad, backward, SGD step). Sides, each its own model
 with seed 0:
 
-- ``C kernels``: today's default (``ConvLayer.native`` and ``fused``: ``_GatedMessagesNative``, gated_kernels.c);
-- ``torch eager``: the fused edge path in PyTorch operations (``native = False``: ``_GatedMessages``);
-- ``chain eager``: the edge part as a chain of eager modules (``native = False, fused = False``): plain PyTorch
+- ``C kernels``: the default (``backend="compiled"``: ``CompiledGatedMessages``, gated_kernels.c);
+- ``torch eager``: the fused edge path in PyTorch operations (``backend="torch"``: ``TorchGatedMessages``);
+- ``chain eager``: the edge part as a chain of eager modules (``ConvLayer.eager``): plain PyTorch
   operations that AOTAutograd differentiates and inductor fuses itself (only ``_GatherRows`` is ours);
 - ``compiled chain`` / ``compiled torch``: the whole ``ours_step`` of those under ``torch.compile`` (inductor,
   ``dynamic=True``; ``--dynamic mark``: ``dynamic=None`` with the atom and crystal dimensions marked dynamic);
-  ``compiled torch*``, only when ``compiled torch`` fails: the same with ``_GatedMessages.backward`` kept out of
+  ``compiled torch*``, only when ``compiled torch`` fails: the same with ``TorchGatedMessages.backward`` kept out of
   dynamo (``torch._dynamo.disable``).
 
 Every compiled side runs in its own Python process (dynamo's in-process caches would otherwise be shared between
@@ -24,7 +24,7 @@ second process hits the FX graph cache only. Compile seconds are first epoch min
 the median steady pass. The eager sides' passes are interleaved in the main process.
 
 The data stage builds what it needs when ``--table`` is not given: ``--crystals`` random CIFs of the archive with
-their labels as a ``local`` source (``dataset.build_dataset``), then graphs (``graphs.build_graphs``), under
+their labels as a ``local`` source (``data.stage.build_dataset``), then graphs (``graphs.stage.build_graphs``), under
 ``--work``; a table (or graphs) already built there is reused.
 
     PYTHONPATH=src python benchmarks/compile.py --threads 1 --work /tmp/compile-bench
@@ -55,11 +55,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from crystal_transfer import model as cgcnn_model
-from crystal_transfer import native
-from crystal_transfer.dataset import build_dataset, label_values
-from crystal_transfer.graphs import GraphSettings, build_graphs
-from crystal_transfer.train import tune_allocator
+from crystal_transfer.data.stage import build_dataset
+from crystal_transfer.data.table import label_values
+from crystal_transfer.graphs.settings import GraphSettings
+from crystal_transfer.graphs.stage import build_graphs
+from crystal_transfer.kernels import native
+from crystal_transfer.models.gated import TorchGatedMessages
+from crystal_transfer.training.trainer import tune_allocator
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "mp2018"
@@ -199,12 +201,12 @@ def cache_counters() -> dict[str, int]:
 # -- sides ----------------------------------------------------------------------------------------------------------
 
 FLAGS = {
-    "C kernels": {},
-    "torch eager": {"native": False},
-    "chain eager": {"native": False, "fused": False},
-    "compiled chain": {"native": False, "fused": False},
-    "compiled torch": {"native": False},
-    "compiled torch*": {"native": False},
+    "C kernels": {"backend": "compiled"},
+    "torch eager": {"backend": "torch"},
+    "chain eager": {"backend": "torch", "eager": True},
+    "compiled chain": {"backend": "torch", "eager": True},
+    "compiled torch": {"backend": "torch"},
+    "compiled torch*": {"backend": "torch"},
 }
 EAGER = [name for name in FLAGS if not name.startswith("compiled")]
 
@@ -212,7 +214,7 @@ EAGER = [name for name in FLAGS if not name.startswith("compiled")]
 def make_step(name: str, dynamic: str) -> Callable[[object], None]:
     """The training step of side ``name`` (its own model and SGD), compiled for the ``compiled`` sides."""
     if name == "compiled torch*":
-        gated = cgcnn_model._GatedMessages
+        gated = TorchGatedMessages
         gated.backward = staticmethod(torch._dynamo.disable(gated.backward))
     net, optimizer = TB.ours_twin(**FLAGS[name])
     net.train()
