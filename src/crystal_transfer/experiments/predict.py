@@ -16,6 +16,7 @@ import torch
 from crystal_transfer.atomic import write_csv
 from crystal_transfer.data.sources.local import _crystal_id, structure_files, structure_format
 from crystal_transfer.data.structures import Rejection, parse_crystal
+from crystal_transfer.errors import InputError
 from crystal_transfer.graphs.dataset import CrystalItem, collate_graphs
 from crystal_transfer.graphs.stage import GraphSettings, crystal_graph
 from crystal_transfer.models.saved import load_model
@@ -52,6 +53,11 @@ def predict_to_csv(model_dir: str | Path, input_path: str | Path, out: str | Pat
     """Write ``id, <target> (unit)..., error`` for every crystal of ``input_path``; returns the row count."""
     saved = load_model(model_dir)
     gs = saved.graph_settings
+    if gs is None:
+        raise InputError(
+            f"{model_dir} holds a {type(saved.model).__name__} on cached features ({saved.inputs}): "
+            "predict needs a model that takes crystal graphs"
+        )
     settings = GraphSettings(radius=gs["radius"], max_num_nbr=gs["max_num_nbr"], cgcnn_padding=gs["cgcnn_padding"])
     targets = list(saved.model.targets)
     header = ["id"] + [f"{t} ({saved.normalizers[t].unit})" if saved.normalizers[t].unit else t for t in targets]
