@@ -228,3 +228,66 @@ def test_predict_on_cif_folder_tarball_and_table(matminer_graphs, source_model, 
     column = "formation_energy_per_atom (eV/atom)"
     for row in rows:
         assert again.loc[row["id"], column] == pytest.approx(float(table_out.loc[row["id"], column]), abs=2e-5)
+
+
+@pytest.fixture(scope="module")
+def feature_cache(matminer_graphs: dict[str, Path], source_model: Path, tmp_path_factory) -> Path:
+    """The source's atom features after two convolutions, for every crystal of the split."""
+    cache = tmp_path_factory.mktemp("features") / "depth2.pt"
+    run([sys.executable, "-m", "crystal_transfer", "frozen-features", "--source", str(source_model), "--depth", "2",
+         "--graphs", str(matminer_graphs["graphs"]), "--table", str(matminer_graphs["table"]),
+         "--split", str(matminer_graphs["split"]), "--out", str(cache)])
+    return cache
+
+
+def atomsets_command(paths: dict[str, Path], cache: Path, out: Path, seed: int = 1) -> list[str]:
+    spec = {"hidden": 16, "epochs": 40, "patience": 8, "batch_size": 32, "lr": 0.003}
+    return [sys.executable, "-m", "crystal_transfer", "--threads", "1", "atomsets", "--name", "fe", "--cache",
+            str(cache), "--table", str(paths["table"]), "--split", str(paths["split"]), "--target", "band_gap",
+            "--train-size", "100", "--seed", str(seed), "--spec", json.dumps(spec), "--out", str(out)]
+
+
+def test_atomsets_trains_through_the_trainer_and_saves_a_model(matminer_graphs, source_model, feature_cache,
+                                                               tmp_path) -> None:
+    from crystal_transfer.data.split import read_split
+    from crystal_transfer.experiments.frozen_features import FeatureSetDataset, load_frozen_features
+    from crystal_transfer.models.saved import load_model
+    from crystal_transfer.models.set_model import SetModel
+
+    run(atomsets_command(matminer_graphs, feature_cache, tmp_path / "a"))
+    out = tmp_path / "a"
+    assert {"metrics.csv", "test.json", "predictions.csv", "model", "last.pt", "best.pt"} <= {
+        p.name for p in out.iterdir()
+    } and not (out / "model.pt").exists()
+    result = json.loads((out / "test.json").read_text())
+    old_keys = {"mode", "seed", "target", "train_size", "test_mae", "best_epoch", "best_val_mae", "n_val", "n_test",
+                "level", "pooling", "parameters", "seconds", "source"}
+    assert old_keys <= set(result) and result["mode"] == "atomsets" and result["train_size"] == 100
+    metrics = pd.read_csv(out / "metrics.csv")  # the Trainer's metrics, stopped early by patience
+    assert list(metrics.columns[:4]) == ["epoch", "lr", "train_loss", "val_loss"] and "val_mae_band_gap" in metrics
+    assert len(metrics) == result["epochs_trained"] <= 40
+    assert result["best_val_mae"] == pytest.approx(metrics["val_mae_band_gap"].iloc[result["best_epoch"] - 1])
+    card = json.loads((out / "model" / "model.json").read_text())
+    source_card = json.loads((source_model / "model.json").read_text())
+    assert card["architecture"]["class"] == "SetModel" and card["graph_settings"] is None
+    assert card["inputs"] == {"kind": "frozen_features", "source": str(source_model),
+                              "source_weights_sha256": source_card["weights_sha256"], "level": 2,
+                              "feature_width": ARCH["atom_fea_len"]}
+    assert card["data_fingerprint"]["num_ids"] == 100 and card["normalizers"]["band_gap"]["unit"] == "eV"
+    # the reloaded model gives the predictions of the run
+    saved = load_model(out / "model")
+    assert isinstance(saved.model, SetModel)
+    predictions = pd.read_csv(out / "predictions.csv")
+    test_ids = read_split(matminer_graphs["split"])["test"]
+    assert predictions["id"].tolist() == test_ids
+    data = FeatureSetDataset(load_frozen_features(feature_cache), test_ids, predictions["target"].to_numpy())
+    again = saved.predict(data.collate([data[i] for i in range(len(data))]))["band_gap"].numpy()
+    np.testing.assert_allclose(again, predictions["prediction"], rtol=1e-5, atol=1e-5)
+    assert (predictions["target"] - predictions["prediction"]).abs().mean() == pytest.approx(
+        result["test_mae"], abs=1e-5
+    )
+    # same seed, same numbers
+    run(atomsets_command(matminer_graphs, feature_cache, tmp_path / "b"))
+    pd.testing.assert_frame_equal(metrics.drop(columns="seconds"),
+                                  pd.read_csv(tmp_path / "b" / "metrics.csv").drop(columns="seconds"))
+    assert json.loads((tmp_path / "b" / "test.json").read_text())["test_mae"] == result["test_mae"]

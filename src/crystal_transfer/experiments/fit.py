@@ -1,19 +1,24 @@
-"""One training run of a CGCNN model on a split, shared by the pretraining and transfer stages.
+"""One training run of a model on a split, shared by the pretraining, transfer and atomsets stages.
 
-Every run writes the same things into their output folder: ``metrics.csv`` (per epoch), ``test.json`` (test MAE
-per target and the run's identity), ``predictions.csv`` (test set: id, target, prediction, in the units of the
-MAE) and ``model/`` (the saved model, best on validation).
+:func:`run_training` trains a CGCNN on graphs; :func:`train_and_save` is the part every model shares (the set
+model of :mod:`crystal_transfer.experiments.atomsets` calls it directly). Every run writes the same things into
+its output folder: ``metrics.csv`` (per epoch), ``test.json`` (test MAE per target and the run's identity),
+``predictions.csv`` (test set: id, target, prediction, in the units of the MAE) and ``model/`` (the saved model,
+best on validation).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
+from torch.utils.data import Dataset
 
 from crystal_transfer.atomic import write_csv, write_json
 from crystal_transfer.data.labels import transform_of
@@ -30,13 +35,12 @@ PREDICTIONS_FILE = "predictions.csv"
 MODEL_DIR = "model"
 
 
-def fit_normalizers(dataset: GraphDataset, targets: Sequence[str], units: dict[str, str]) -> list[Normalizer]:
-    """One normaliser per target, fitted on the training crystals' labels only."""
-    values = dataset._targets  # (n, T) physical units, NaN where missing
+def fit_normalizers(values: np.ndarray, targets: Sequence[str], units: dict[str, str]) -> list[Normalizer]:
+    """One normaliser per target, fitted on the training crystals' labels ``values`` (n, T) only."""
     return [Normalizer.fit(values[:, i], transform_of(t), units.get(t, "")) for i, t in enumerate(targets)]
 
 
-def evaluate(trainer: Trainer, dataset: GraphDataset, out_dir: Path) -> dict[str, float]:
+def evaluate(trainer: Trainer, dataset: Dataset, out_dir: Path) -> dict[str, float]:
     """Test MAE per target (transformed units) and a predictions CSV."""
     ids, predictions, targets = trainer.predict(dataset)
     maes, rows = {}, []
@@ -68,33 +72,59 @@ def run_training(
     log=print,
 ) -> dict[str, Any]:
     """Train ``model`` on ``split`` and write metrics, test results, predictions and the saved model."""
-    out_dir = Path(out_dir)
     targets = list(model.targets)
     units = table_units(table)
     data = datasets or {
         part: GraphDataset(graphs, ids=split[part], targets=targets, table=table) for part in ("train", "val", "test")
     }
-    normalizers = fit_normalizers(
-        data["train"].graphs if hasattr(data["train"], "graphs") else data["train"], targets, units
+    train_graphs = data["train"].graphs if hasattr(data["train"], "graphs") else data["train"]
+    normalizers = fit_normalizers(train_graphs._targets, targets, units)
+    graph_settings = train_graphs.settings
+    saved_graph_settings = model_graph_settings(
+        model, graph_settings.radius, graph_settings.max_num_nbr, graph_settings.cgcnn_padding
     )
-    fingerprint = fingerprint_ids(split["train"]) + json.dumps(record, sort_keys=True)
+    return train_and_save(
+        model, data, normalizers, units, settings, out_dir, record, split["train"], log=log,
+        graph_settings=saved_graph_settings,
+    )
+
+
+def train_and_save(
+    model: nn.Module,
+    data: Mapping[str, Dataset],
+    normalizers: Sequence[Normalizer],
+    units: dict[str, str],
+    settings: TrainSettings,
+    out_dir: str | Path,
+    record: dict[str, Any],
+    train_ids: Sequence[str],
+    log=print,
+    graph_settings: Mapping[str, Any] | None = None,
+    inputs: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` on ``data`` (train, val, test datasets with a ``collate``) through the :class:`Trainer`;
+    write metrics, ``test.json``, predictions and the saved model (with ``graph_settings`` or ``inputs``)."""
+    out_dir = Path(out_dir)
+    targets = list(model.targets)
+    fingerprint = fingerprint_ids(train_ids) + json.dumps(record, sort_keys=True)
     collate = data["train"].collate
     trainer = Trainer(model, normalizers, settings, out_dir, collate, log=log, run_fingerprint=fingerprint)
-    log(f"model backend: {model.backend}" + (f" ({native.describe()})" if model.backend == "compiled" else ""))
+    backend = getattr(model, "backend", None)  # graph models only
+    if backend:
+        log(f"model backend: {backend}" + (f" ({native.describe()})" if backend == "compiled" else ""))
     started = time.perf_counter()
     fit = trainer.fit(data["train"], data["val"])
     maes = evaluate(trainer, data["test"], out_dir)
-    graph_settings = data["train"].graphs.settings if hasattr(data["train"], "graphs") else data["train"].settings
     save_model(
         out_dir / MODEL_DIR,
         trainer.model,
-        model_graph_settings(
-            trainer.model, graph_settings.radius, graph_settings.max_num_nbr, graph_settings.cgcnn_padding
-        ),
+        graph_settings,
         dict(zip(targets, normalizers, strict=True)),
         training={**record, "settings": settings.__dict__},
-        train_ids=split["train"],
+        train_ids=train_ids,
+        inputs=inputs,
     )
+    best_row = next(row for row in fit["history"] if row["epoch"] == fit["best_epoch"])
     result = {
         **record,
         "targets": targets,
@@ -105,6 +135,8 @@ def run_training(
         },
         "best_epoch": fit["best_epoch"],
         "best_val_loss": fit["val_loss"],
+        "best_val_mae": best_row[f"val_mae_{targets[0]}"] if len(targets) == 1 else None,
+        "epochs_trained": len(fit["history"]),
         "n_train": len(data["train"]),
         "n_val": len(data["val"]),
         "n_test": len(data["test"]),

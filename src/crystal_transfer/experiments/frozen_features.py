@@ -3,6 +3,7 @@
 The atom features after the frozen layers do not change during training, so they are
 computed once per (source, depth, dataset) by :func:`compute_frozen_features` and served with each batch
 (``GraphBatch.atom_fea``); the model then runs only the layers it trains. Identical numbers, less work.
+:class:`FeatureSetDataset` serves the same cache without graphs, to the AtomSets set model.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from crystal_transfer.atomic import atomic_path
+from crystal_transfer.atomic import atomic_path, sha256_file
 from crystal_transfer.errors import InputError, MissingError
 from crystal_transfer.graphs.batch import GraphBatch
 from crystal_transfer.graphs.dataset import CrystalItem, GraphDataset, collate_graphs
 from crystal_transfer.models.cgcnn import CGCNN
+from crystal_transfer.models.set_model import FeatureBatch
 
 
 @torch.no_grad()
@@ -105,18 +107,70 @@ class CachedFeatureDataset(Dataset):
         return batch
 
 
+@dataclass
+class FeatureItem:
+    """One crystal's cached feature rows (n, F), labels (T,) and id."""
+
+    features: torch.Tensor
+    targets: torch.Tensor
+    id: str
+
+
+class FeatureSetDataset(Dataset):
+    """Cached features of a list of crystals with their labels, the input of a set model (no graphs needed)."""
+
+    def __init__(self, cache: dict[str, Any], ids: Sequence[str], targets: np.ndarray | torch.Tensor) -> None:
+        row = {crystal_id: index for index, crystal_id in enumerate(cache["ids"])}
+        missing = [i for i in ids if i not in row]
+        if missing:
+            raise MissingError(
+                f"{len(missing)} crystals have no cached features, e.g. {missing[:3]}; rebuild the cache"
+            )
+        self.features = cache["features"]
+        self.offsets = cache["offsets"].tolist()
+        self.rows = [row[i] for i in ids]
+        self.targets = torch.from_numpy(np.array(targets, dtype=np.float32)).reshape(len(ids), -1)  # (n, T) physical
+        self.ids = list(ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> FeatureItem:
+        start, end = self.offsets[self.rows[index]], self.offsets[self.rows[index] + 1]
+        return FeatureItem(self.features[start:end], self.targets[index], self.ids[index])
+
+    @staticmethod
+    def collate(items: Sequence[FeatureItem]) -> FeatureBatch:
+        """The :class:`FeatureBatch` of ``items`` (of any :class:`FeatureSetDataset`: the trainer collates its
+        validation and test sets with the training set's ``collate``)."""
+        sizes = torch.tensor([len(item.features) for item in items], dtype=torch.long)
+        return FeatureBatch(
+            torch.cat([item.features for item in items]),
+            torch.repeat_interleave(torch.arange(len(items)), sizes),
+            len(items),
+            torch.stack([item.targets for item in items]),
+            [item.id for item in items],
+        )
+
+
 def run(source: str | Path, depth: int | str, graphs: str | Path, table: str | Path, split: str | Path,
         out: str | Path, log=print) -> dict[str, Any]:
     """The ``frozen-features`` stage: cache ``source``'s features at ``depth`` for every crystal of ``split``."""
     from crystal_transfer.data.split import read_split
-    from crystal_transfer.models.saved import TRANSFER_KEYS, check_graph_settings, load_model
+    from crystal_transfer.models.saved import TRANSFER_KEYS, WEIGHTS_FILE, check_graph_settings, load_model
 
     saved = load_model(source)
     parts = read_split(split)
     dataset = GraphDataset(graphs, ids=parts["train"] + parts["val"] + parts["test"], table=table)
     check_graph_settings(saved.graph_settings, dataset.settings.as_dict(), keys=TRANSFER_KEYS, graphs=graphs)
     cache = compute_frozen_features(saved.model, depth, dataset)
-    save_frozen_features(cache, out, {"source": str(source), "depth": depth, "graphs": str(graphs)})
+    provenance = {
+        "source": str(source),
+        "source_weights_sha256": sha256_file(Path(source) / WEIGHTS_FILE),
+        "depth": depth,
+        "graphs": str(graphs),
+    }
+    save_frozen_features(cache, out, provenance)
     log(
         f"cached atom features after depth {depth} of {source}: {len(cache['ids'])} crystals, "
         f"{tuple(cache['features'].shape)} -> {out}"

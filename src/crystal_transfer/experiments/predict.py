@@ -16,6 +16,7 @@ import torch
 from crystal_transfer.atomic import write_csv
 from crystal_transfer.data.sources.local import _crystal_id, structure_files, structure_format
 from crystal_transfer.data.structures import Rejection, parse_crystal
+from crystal_transfer.errors import InputError
 from crystal_transfer.graphs.crystal_graph import crystal_graph
 from crystal_transfer.graphs.dataset import CrystalItem, collate_graphs
 from crystal_transfer.graphs.settings import GraphSettings
@@ -49,9 +50,20 @@ def _crystals(path: Path) -> Iterator[tuple[str, tuple[np.ndarray, np.ndarray, n
         yield crystal_id, (parsed.lattice, parsed.frac_coords, parsed.numbers)
 
 
+def _graph_model(model_dir: str | Path):
+    """The saved model at ``model_dir``; refused in one line when it takes cached features, not crystal graphs."""
+    saved = load_model(model_dir)
+    if saved.graph_settings is None:
+        raise InputError(
+            f"{model_dir} holds a {type(saved.model).__name__} on cached features ({saved.inputs}): "
+            "predict needs a model that takes crystal graphs"
+        )
+    return saved
+
+
 def predict_to_csv(model_dir: str | Path, input_path: str | Path, out: str | Path, workers: int = 0) -> int:
     """Write ``id, <target> (unit)..., error`` for every crystal of ``input_path``; returns the row count."""
-    saved = load_model(model_dir)
+    saved = _graph_model(model_dir)
     gs = saved.graph_settings
     settings = GraphSettings(radius=gs["radius"], max_num_nbr=gs["max_num_nbr"], cgcnn_padding=gs["cgcnn_padding"])
     targets = list(saved.model.targets)

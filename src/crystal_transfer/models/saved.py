@@ -5,7 +5,9 @@ Layout of ``<folder>/``:
 - ``weights.pt``: the state dict (plain tensors only) written by ``torch.save``; read with
   ``torch.load(..., weights_only=True)``, so loading never unpickles arbitrary objects.
 - ``model.json``: ``format`` / ``format_version``; ``architecture`` {``class``, ``init_args``};
-  ``graph_settings`` {radius, max_num_nbr, cgcnn_padding, gaussian_min, gaussian_step, gaussian_width};
+  ``graph_settings`` {radius, max_num_nbr, cgcnn_padding, gaussian_min, gaussian_step, gaussian_width} for a
+  model that takes graphs (CGCNN), else null; ``inputs`` (what a model that does not take graphs reads, e.g.
+  the frozen features of a set model: source model and its weights' sha256, level, feature width), else null;
   ``normalizers`` {target: {mean, std, transform, unit}}; ``training`` (free-form config);
   ``data_fingerprint`` {``sha256`` of the sorted training ids joined by newlines, ``num_ids``} or null;
   ``provenance`` (free-form, e.g. the published checkpoint a model was converted from);
@@ -26,18 +28,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from crystal_transfer.atomic import atomic_path, sha256_file, write_json
 from crystal_transfer.errors import InputError, UserError
-from crystal_transfer.graphs.batch import GraphBatch
 from crystal_transfer.models.cgcnn import CGCNN
+from crystal_transfer.models.set_model import SetModel
 from crystal_transfer.training.normalizer import Normalizer
 
 FORMAT = "crystal_transfer.models.saved"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.pt"
 CARD_FILE = "model.json"
-MODEL_CLASSES: dict[str, type[CGCNN]] = {"CGCNN": CGCNN}
+# Every class a card may name. A class whose ``takes_graphs`` is False (the set model) is saved with ``inputs``
+# instead of graph settings.
+MODEL_CLASSES: dict[str, type[nn.Module]] = {"CGCNN": CGCNN, "SetModel": SetModel}
 # Settings the graph shards must share with the model; the Gaussian settings are the model's own.
 GRAPH_KEYS = ("radius", "max_num_nbr", "cgcnn_padding")
 # A trunk transferred to new graphs needs their radius and neighbour count; the padding may differ, because the
@@ -64,7 +69,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def check_graph_settings(
-    model_settings: Mapping[str, Any],
+    model_settings: Mapping[str, Any] | None,
     data_settings: Mapping[str, Any],
     keys: Sequence[str] = GRAPH_KEYS,
     graphs: str | Path | None = None,
@@ -73,8 +78,13 @@ def check_graph_settings(
 
     ``keys`` (by default ``radius``, ``max_num_nbr`` and ``cgcnn_padding``; :data:`TRANSFER_KEYS` for a
     transferred trunk) must be present in both; Gaussian settings are compared when the graphs record them.
-    ``graphs`` (their folder) is named in the message.
+    ``graphs`` (their folder) is named in the message. ``model_settings`` None (a model that does not take
+    graphs) is an :class:`InputError`.
     """
+    if model_settings is None:
+        raise InputError(
+            f"graphs{f' in {graphs}' if graphs else ''}: the model does not take graphs (it reads cached features)"
+        )
     problems = []
     for key in keys:
         if key not in model_settings:
@@ -102,17 +112,19 @@ def check_graph_settings(
 
 @dataclass
 class SavedModel:
-    """A model with everything needed to use it correctly: graph settings, normalisers, provenance."""
+    """A model with everything needed to use it correctly: its inputs (graph settings, or ``inputs`` for a model
+    on cached features), normalisers, provenance."""
 
-    model: CGCNN
-    graph_settings: dict[str, Any]
+    model: nn.Module
+    graph_settings: dict[str, Any] | None
     normalizers: dict[str, Normalizer]
     training: dict[str, Any] = field(default_factory=dict)
     data_fingerprint: dict[str, Any] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, Any] | None = None
 
     @torch.no_grad()
-    def predict(self, batch: GraphBatch) -> dict[str, torch.Tensor]:
+    def predict(self, batch: Any) -> dict[str, torch.Tensor]:
         """Predictions in physical units (e.g. eV/atom, GPa) per target, in eval mode; (B,) each."""
         self.model.eval()
         outputs = self.model(batch)
@@ -135,17 +147,20 @@ def model_graph_settings(model: CGCNN, radius: float, max_num_nbr: int, cgcnn_pa
 
 def save_model(
     folder: str | Path,
-    model: CGCNN,
-    graph_settings: Mapping[str, Any],
+    model: nn.Module,
+    graph_settings: Mapping[str, Any] | None,
     normalizers: Mapping[str, Normalizer],
     training: Mapping[str, Any] | None = None,
     train_ids: Iterable[str] | None = None,
     provenance: Mapping[str, Any] | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> Path:
     """Save ``model`` into ``folder`` (created if needed) and return the folder.
 
-    ``graph_settings`` come from :func:`model_graph_settings`; ``normalizers`` must cover every target;
-    ``train_ids`` (the ids the model was fitted on) are stored as a fingerprint only.
+    ``graph_settings`` come from :func:`model_graph_settings` and are required for a model that takes graphs,
+    None otherwise; ``inputs`` (what the model reads instead) is required for a model that does not;
+    ``normalizers`` must cover every target; ``train_ids`` (the ids the model was fitted on) are stored as a
+    fingerprint only.
     """
     folder = Path(folder)
     class_name = type(model).__name__
@@ -154,9 +169,14 @@ def save_model(
     missing = [name for name in model.targets if name not in normalizers]
     if missing:
         raise ValueError(f"no normaliser for targets {missing}")
-    missing_keys = [key for key in (*GRAPH_KEYS, *GAUSSIAN_KEYS) if key not in graph_settings]
-    if missing_keys:
-        raise ValueError(f"graph settings lack {missing_keys}")
+    if getattr(model, "takes_graphs", True):
+        if graph_settings is None:
+            raise ValueError(f"a {class_name} takes graphs: its graph settings are required")
+        missing_keys = [key for key in (*GRAPH_KEYS, *GAUSSIAN_KEYS) if key not in graph_settings]
+        if missing_keys:
+            raise ValueError(f"graph settings lack {missing_keys}")
+    elif graph_settings is not None or not inputs:
+        raise ValueError(f"a {class_name} does not take graphs: give the inputs it reads, not graph settings")
     ids = None if train_ids is None else list(train_ids)
     state = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
     folder.mkdir(parents=True, exist_ok=True)
@@ -167,7 +187,8 @@ def save_model(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "architecture": {"class": class_name, "init_args": model.init_args},
-        "graph_settings": dict(graph_settings),
+        "graph_settings": None if graph_settings is None else dict(graph_settings),
+        **({} if inputs is None else {"inputs": dict(inputs)}),  # absent for graph models: their cards unchanged
         "normalizers": {name: normalizers[name].as_dict() for name in model.targets},
         "training": dict(training or {}),
         "data_fingerprint": None if ids is None else {"sha256": fingerprint_ids(ids), "num_ids": len(set(ids))},
@@ -203,4 +224,5 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
         training=card["training"],
         data_fingerprint=card["data_fingerprint"],
         provenance=card["provenance"],
+        inputs=card.get("inputs"),
     )

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -24,7 +24,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from crystal_transfer.atomic import atomic_path, write_csv
 from crystal_transfer.errors import InputError
-from crystal_transfer.graphs.batch import GraphBatch
 from crystal_transfer.training.losses import masked_mse_loss
 from crystal_transfer.training.normalizer import Normalizer
 
@@ -47,6 +46,11 @@ class TrainSettings:
     lr_gamma: float = 0.1
     seed: int = 0
     device: str = "auto"  # "auto": CUDA when available, else CPU
+    patience: int | None = None  # stop after this many epochs without a better validation loss; 0/None: off
+
+    def __post_init__(self) -> None:
+        if self.patience is not None and self.patience < 0:
+            raise InputError(f"patience must be >= 0 (0 or null: no early stopping), not {self.patience}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainSettings:
@@ -112,12 +116,26 @@ def freeze_batchnorm_of_frozen_layers(model: nn.Module) -> None:
                 module.eval()
 
 
+class Batch(Protocol):
+    """What the trainer needs of a batch (a :class:`~crystal_transfer.graphs.batch.GraphBatch`, a
+    :class:`~crystal_transfer.models.set_model.FeatureBatch`): physical targets (B, T), ids, a device move."""
+
+    targets: torch.Tensor
+    ids: list[str]
+
+    def to(self, device: torch.device | str) -> Batch: ...
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
 
 
 class Trainer:
-    """Trains a model whose ``forward(batch)`` returns (B, T) standardised predictions."""
+    """Trains a model whose ``forward(batch)`` returns (B, T) standardised predictions.
+
+    ``collate_fn`` turns a list of the dataset's items into a :class:`Batch`; ``loss_fn(predictions, targets)``
+    compares (B, T) standardised predictions with standardised targets, NaN where a label is missing.
+    """
 
     def __init__(
         self,
@@ -125,9 +143,10 @@ class Trainer:
         normalizers: Sequence[Normalizer],
         settings: TrainSettings,
         out_dir: str | Path,
-        collate_fn: Callable[[list[Any]], GraphBatch],
+        collate_fn: Callable[[list[Any]], Batch],
         log: Callable[[str], None] = print,
         run_fingerprint: str = "",
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = masked_mse_loss,
     ) -> None:
         tune_allocator()
         self.device = pick_device(settings.device)
@@ -138,6 +157,7 @@ class Trainer:
         self.collate_fn = collate_fn
         self.log = log
         self.run_fingerprint = run_fingerprint
+        self.loss_fn = loss_fn
         self.optimizer = make_optimizer(self.model, settings)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=settings.lr_milestones, gamma=settings.lr_gamma
@@ -181,7 +201,7 @@ class Trainer:
                 transformed = self._transformed(batch.targets)
                 standardised = (transformed - self.mean) / self.std
                 predictions = self.model(batch)
-                loss = masked_mse_loss(predictions, standardised)
+                loss = self.loss_fn(predictions, standardised)
                 if training:
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -219,7 +239,9 @@ class Trainer:
         if not path.is_file():
             return 0, {"epoch": 0, "val_loss": math.inf}, []
         state = torch.load(path, map_location=self.device, weights_only=True)
-        if state.get("run_fingerprint") != self.run_fingerprint or state.get("settings") != asdict(self.settings):
+        # a setting added since the checkpoint was written had its default then
+        saved_settings = {**asdict(TrainSettings()), **state.get("settings", {})}
+        if state.get("run_fingerprint") != self.run_fingerprint or saved_settings != asdict(self.settings):
             self.log(f"checkpoint {path} belongs to another run (data or settings differ): starting afresh")
             return 0, {"epoch": 0, "val_loss": math.inf}, []
         self.model.load_state_dict(state["model"])
@@ -233,14 +255,23 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------------------
 
+    def _patience_spent(self, epoch: int, best: dict[str, Any]) -> bool:
+        """Whether early stopping ends the run after ``epoch`` (``patience`` epochs without a better val loss)."""
+        patience = self.settings.patience
+        return bool(patience) and epoch - best["epoch"] >= patience
+
     def fit(self, train_data: Dataset, val_data: Dataset) -> dict[str, Any]:
-        """Train for the configured epochs (resuming if a checkpoint of this run exists).
+        """Train for the configured epochs (resuming if a checkpoint of this run exists), or until ``patience``
+        epochs pass without a better validation loss.
 
         Returns ``{"best_epoch", "val_loss", "history"}``; the best weights are in ``best.pt``.
         """
         self.out_dir.mkdir(parents=True, exist_ok=True)
         done, best, history = self._resume()
         for epoch in range(done + 1, self.settings.epochs + 1):
+            if self._patience_spent(epoch - 1, best):  # checked first, so a resumed run stops where it would have
+                self.log(f"early stop after epoch {epoch - 1}: no better validation loss since epoch {best['epoch']}")
+                break
             torch.manual_seed(_epoch_seed(self.settings.seed, epoch))
             started = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
