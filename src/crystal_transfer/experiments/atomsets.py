@@ -10,20 +10,18 @@ as every CGCNN run (Adam, early stopping on the validation loss) and writes the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from crystal_transfer.data.labels import transform_of
 from crystal_transfer.data.table import label_values, read_table, table_units
-from crystal_transfer.errors import InputError
 from crystal_transfer.experiments.fit import fit_normalizers, train_and_save
 from crystal_transfer.experiments.frozen_features import FeatureSetDataset
 from crystal_transfer.models.set_model import SetModel
-from crystal_transfer.training.trainer import TrainSettings
+from crystal_transfer.training.trainer import TrainSettings, settings_from_dict
 
 
 @dataclass
@@ -41,11 +39,7 @@ class SetModelSettings:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SetModelSettings:
         """Settings from the config section (``level`` is the cache's business); unknown keys are an error."""
-        known = {item.name for item in fields(cls)}
-        unknown = sorted(set(data) - known - {"level"})
-        if unknown:
-            raise InputError(f"unknown atomsets setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**{key: value for key, value in data.items() if key in known})
+        return settings_from_dict(cls, data, "atomsets", ignored=frozenset({"level"}))
 
     def train_settings(self, seed: int) -> TrainSettings:
         """The trainer's settings: Adam at a constant learning rate, early stopping, on the CPU (the model is
@@ -112,7 +106,6 @@ def run(name: str, cache: str | Path, table: str | Path, split: str | Path, targ
         model, data, normalizers, units, settings.train_settings(seed), out, record, parts["train"], log=log,
         inputs=inputs,
     )
-    unit = ("log10 " if transform_of(target) == "log10" else "") + units.get(target, "")
     log(f"AtomSets on {name} features at level {result['level']}: {result['train_size']} training crystals, "
-        f"test MAE {result['test_mae']:.4f} {unit} ({result['seconds']} s)")
+        f"test MAE {result['test_mae']:.4f} {result['units'][target]} ({result['seconds']} s)")
     return result

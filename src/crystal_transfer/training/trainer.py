@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -30,6 +30,8 @@ from crystal_transfer.training.normalizer import Normalizer
 CHECKPOINT_FILE = "last.pt"
 BEST_FILE = "best.pt"
 METRICS_FILE = "metrics.csv"
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -55,11 +57,16 @@ class TrainSettings:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainSettings:
         """Settings from a config section; unknown keys are an error naming them."""
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(f"unknown training setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**data)
+        return settings_from_dict(cls, data, "training")
+
+
+def settings_from_dict(cls: type[T], data: dict[str, Any], what: str, ignored: frozenset[str] = frozenset()) -> T:
+    """The dataclass ``cls`` from a config section; a key that is neither a field nor ``ignored`` is an error."""
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(data) - known - ignored)
+    if unknown:
+        raise InputError(f"unknown {what} setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return cls(**{key: value for key, value in data.items() if key in known})
 
 
 # glibc mallopt parameters (malloc.h)
