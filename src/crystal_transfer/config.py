@@ -100,13 +100,27 @@ def _leaves(error: jsonschema.ValidationError) -> list[jsonschema.ValidationErro
     return [leaf for sub in error.context for leaf in _leaves(sub)]
 
 
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The YAML document in ``path``; a file that is not YAML (or not UTF-8 text) is a :class:`ConfigError`
+    naming the file, line and column."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return yaml.safe_load(handle) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{what} {path} is not valid YAML{where}: {problem}") from None
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file and validate it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as handle:
-        data = yaml.safe_load(handle) or {}
+    data = read_yaml(path, "config file")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} does not hold a mapping of keys")
     return validate_config(data)
@@ -124,3 +138,33 @@ def validate_source_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Validate one source entry of a dataset (the fetch stages' ``--spec``), defaults filled in."""
     config = validate_config({"datasets": {"spec": {"sources": [spec]}}, "splits": {}})
     return config["datasets"]["spec"]["sources"][0]
+
+
+def validate_model_spec(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Validate one entry of ``pretrain`` plus the config's ``architecture`` section that the workflow adds to it
+    (the pretrain stage's ``--spec``), defaults filled in."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"invalid config: pretrain.{name} must be a mapping, not {type(spec).__name__}")
+    schema = load_schema()
+    entry = {key: value for key, value in spec.items() if key != "architecture"}
+    validated = _validate_part(entry, schema["$defs"]["pretrained_model"], schema, f"pretrain.{name}")
+    if "architecture" in spec:
+        architecture = schema["properties"]["architecture"]
+        validated["architecture"] = _validate_part(spec["architecture"], architecture, schema, "architecture")
+    return validated
+
+
+def _validate_part(instance: Any, part: dict[str, Any], schema: dict[str, Any], where: str) -> Any:
+    """Validate ``instance`` against ``part`` of ``schema`` (its ``$defs`` available), defaults filled in."""
+    missing = [key for key in part.get("required", []) if isinstance(instance, dict) and key not in instance]
+    if missing:
+        raise ConfigError(f"invalid config: {where} lacks the required key {', '.join(repr(k) for k in missing)}")
+    instance = copy.deepcopy(instance)
+    _fill_defaults(instance, part, schema)
+    errors = list(jsonschema.Draft202012Validator({**part, "$defs": schema["$defs"]}).iter_errors(instance))
+    if errors:
+        best = jsonschema.exceptions.best_match(errors)
+        details = [_message(e).replace("<top level>", where) for e in _leaves(best)]
+        details = [d if d.startswith(where) or " in " in d else f"{where}.{d}" for d in details]
+        raise ConfigError("invalid config: " + "; ".join(dict.fromkeys(details)))
+    return instance

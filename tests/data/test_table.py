@@ -365,7 +365,7 @@ def test_defaults_are_filled_from_the_schema() -> None:
             "splits": {"s": {"dataset": "d", "label": "band_gap", "train": 1, "val": 1, "test": 1}},
         }
     )
-    assert config["filters"] == {"max_z": 80, "max_rejected_fraction": 0.25}
+    assert config["filters"] == {"max_z": 80, "min_distance": 0.5, "max_rejected_fraction": 0.25}
     assert config["datasets"]["d"]["sources"][0]["version"] == "0.3.9"
     assert config["splits"]["s"]["seed"] == 0
 

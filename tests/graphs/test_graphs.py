@@ -31,13 +31,19 @@ from crystal_transfer.cli.main import main
 from crystal_transfer.config import ConfigError, load_config, validate_config
 from crystal_transfer.data.split import write_split
 from crystal_transfer.data.stage import build_dataset
-from crystal_transfer.graphs.crystal_graph import crystal_graph
+from crystal_transfer.graphs.crystal_graph import GraphRejection, crystal_graph
 from crystal_transfer.graphs.dataset import GraphDataset, collate_graphs
 from crystal_transfer.graphs.errors import GraphStageError
 from crystal_transfer.graphs.neighbours import TIE_TOLERANCE
-from crystal_transfer.graphs.settings import GraphSettings, graph_config
-from crystal_transfer.graphs.shards import ShardFormatError, map_arrays, read_header, write_shard
-from crystal_transfer.graphs.stage import build_graphs, read_json
+from crystal_transfer.graphs.settings import SEARCHES, GraphSettings, graph_config
+from crystal_transfer.graphs.shards import (
+    ShardFormatError,
+    check_graph_arrays,
+    map_arrays,
+    read_header,
+    write_shard,
+)
+from crystal_transfer.graphs.stage import build_graphs, file_sha256, read_json
 from crystal_transfer.models.layers import gaussian_centres, gaussian_expand
 
 REPO = Path(__file__).resolve().parents[2]
@@ -270,7 +276,7 @@ def test_brute_force_periodic_images_agree(sample):
         a0, a1 = arrays["atom_ptr"][row], arrays["atom_ptr"][row + 1]
         lattice, frac = arrays["lattice"][row], arrays["frac"][a0:a1]
         graph = crystal_graph(lattice, frac, arrays["numbers"][a0:a1], settings)
-        if isinstance(graph, str) or graph.radius != settings.radius:
+        if isinstance(graph, GraphRejection) or graph.radius != settings.radius:
             continue
         heights = 1.0 / np.linalg.norm(np.linalg.inv(lattice), axis=0)  # distances between lattice planes
         reach = np.ceil(settings.radius / heights).astype(int) + 1
@@ -287,7 +293,7 @@ def test_brute_force_periodic_images_agree(sample):
 
 
 def _same_graph(ours, theirs, crystal_id: str) -> None:
-    if isinstance(theirs, str):
+    if isinstance(theirs, GraphRejection):
         assert ours == theirs, crystal_id
         return
     assert ours.radius == theirs.radius, crystal_id
@@ -311,7 +317,7 @@ def test_vesin_neighbour_search_equals_the_pymatgen_path(sample, policy):
         args = (arrays["lattice"][row], arrays["frac"][a0:a1], arrays["numbers"][a0:a1], settings)
         ours, theirs = crystal_graph(*args), crystal_graph(*args, search="pymatgen")
         _same_graph(ours, theirs, crystal_id)
-        if isinstance(ours, str):
+        if isinstance(ours, GraphRejection):
             rejected += 1
         else:
             ties += int((np.abs(np.diff(ours.nbr_dist, axis=1)) <= TIE_TOLERANCE).sum())
@@ -455,8 +461,10 @@ def test_vesin_search_names_a_broken_crystal(sample, tmp_path):
     thin[2, 2] = 1e-7  # a cell far thinner than the radius: about 1e10 images
     with pytest.raises(NeighbourSearchError, match="thinner than the radius"):
         _search_lists(thin[None], np.array([0, 2]), frac[:2], np.array([8, 8]), 8.0, 12, TIE_TOLERANCE)
-    with pytest.raises(NeighbourSearchError, match="thinner than the radius"):
-        crystal_graph(thin, frac[:2], np.array([8, 8]), GraphSettings())
+    for search in SEARCHES:  # one crystal: a rejection with the reason, from either search
+        refused = crystal_graph(thin, frac[:2], np.array([8, 8]), GraphSettings(), search=search)
+        assert isinstance(refused, GraphRejection) and refused.reason == "unsearchable_cell", search
+        assert "thinner than the radius" in refused.message
     with pytest.raises(GraphStageError, match="inconsistent crystal arrays"):
         _search_lists(good[None], np.array([0, 3]), frac[:2], np.array([8, 8, 8]), 8.0, 12, TIE_TOLERANCE)
     bad = frac[:2].copy()
@@ -464,19 +472,22 @@ def test_vesin_search_names_a_broken_crystal(sample, tmp_path):
     with pytest.raises(NeighbourSearchError, match="non-finite") as caught:
         _search_lists(np.stack([good, good]), np.array([0, 1, 2]), bad, np.array([8, 8]), 8.0, 12, TIE_TOLERANCE)
     assert caught.value.crystal == 1
-    # through the stage: the shard names the crystal's id and row
+    # through the stage: each broken crystal is rejected with its id and reason, every other one gets its graph
     table = pq.read_table(sample["table"])
     lattices = table.column("lattice").to_pylist()
     lattices[5] = flat.ravel().tolist()
+    lattices[7] = thin.ravel().tolist()
     broken = table.set_column(
         table.schema.get_field_index("lattice"), "lattice", pa.array(lattices, type=table.schema.field("lattice").type)
     )
     path = tmp_path / "broken.parquet"
     pq.write_table(broken, path)
     make_plan(path, "broken", GraphSettings(), 1000, tmp_path / "plan.json")
-    crystal_id = table.column("id")[5].as_py()
-    with pytest.raises(GraphStageError, match=rf"crystal {crystal_id} \(row 5 of .*singular lattice"):
-        build_shard(tmp_path / "plan.json", 0)
+    ids = table.column("id").to_pylist()
+    meta = build_shard(tmp_path / "plan.json", 0)
+    assert meta["ids"] == [i for row, i in enumerate(ids) if row not in (5, 7)]
+    assert [(r["id"], r["reason"]) for r in meta["rejected"]] == [(ids[k], "unsearchable_cell") for k in (5, 7)]
+    assert "singular lattice" in meta["rejected"][0]["message"] and "thinner" in meta["rejected"][1]["message"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -538,7 +549,7 @@ def test_extend_stops_at_max_radius(sample):
 
     structure = Structure.from_str(sample["cifs"][STRETCHED_ID], fmt="cif")
     args = (structure.lattice.matrix, structure.frac_coords, np.array(structure.atomic_numbers))
-    assert crystal_graph(*args, GraphSettings(max_radius=10.0)).startswith("1 atom(s) without a neighbour")
+    assert crystal_graph(*args, GraphSettings(max_radius=10.0)).message.startswith("1 atom(s) without a neighbour")
     graph = crystal_graph(*args, GraphSettings(extend_step=0.25))
     assert graph.radius == 10.5 and graph.nbr_count.tolist() == [12]
 
@@ -610,6 +621,33 @@ def test_corrupted_shard_names_itself_and_the_rebuild_command(sample, tmp_path):
 
     assert main(shlex.split(command)[3:]) == 0
     assert len(GraphDataset(tmp_path)) == len(_table_ids(sample["table"]))
+
+
+def test_damaged_distances_are_never_blessed_by_the_manifest(sample, tmp_path, capsys):
+    """Negative distances written into a built shard: neither ``graphs manifest``, nor the rebuild of another shard,
+    nor the training dataset takes the file; each names it (issue #16, class 3)."""
+    build_graphs(sample["table"], tmp_path, GraphSettings(), 64, dataset="sample", log=lambda _: None)
+    shard = tmp_path / "shard-00001.cgs"
+    header = read_header(shard)
+    spec = header["arrays"]["nbr_dist"]
+    data = bytearray(shard.read_bytes())
+    distances = np.frombuffer(data, dtype=spec["dtype"], count=12, offset=spec["offset"]).copy()
+    data[spec["offset"] : spec["offset"] + 48] = (-distances).astype(spec["dtype"]).tobytes()
+    shard.write_bytes(bytes(data))
+    assert main(["graphs", "manifest", "--plan", str(tmp_path / "plan.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(shard) in err and "damaged" in err and "--shards 1" in err
+    with pytest.raises(GraphStageError, match="shard-00001.cgs is damaged"):
+        build_graphs(sample["table"], tmp_path, GraphSettings(), 64, dataset="sample", shards=[0], log=lambda _: None)
+    # the same bytes rewritten with a content hash that matches them: the value checks still refuse them
+    write_shard(shard, {name: np.array(a) for name, a in map_arrays(shard, header).items()}, header["meta"])
+    with pytest.raises(ShardFormatError, match="not finite, positive and within the radius"):
+        check_graph_arrays(map_arrays(shard), 12, str(shard))
+    manifest = read_json(tmp_path / "manifest.json")  # the manifest of the intact build, checksum made to match
+    manifest["shards"][1]["sha256"] = file_sha256(shard)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(GraphStageError, match="shard-00001.cgs cannot be used: .* is damaged: neighbour distances"):
+        GraphDataset(tmp_path)[64]
 
 
 def test_stale_settings_and_table_are_refused(sample, default_graphs, tmp_path):

@@ -48,7 +48,9 @@ def _cmd_atomsets(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from crystal_transfer.experiments import predict
 
-    predict.run(args.model, args.input, args.out, workers=args.workers)
+    predict.run(
+        args.model, args.input, args.out, workers=args.workers, max_z=args.max_z, min_distance=args.min_distance
+    )
     return 0
 
 
@@ -61,6 +63,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register the commands that train or use models."""
+    # long: one block of arguments per command, in the order `--help` lists them
     pretrain = sub.add_parser("pretrain", help="convert a published CGCNN checkpoint or train a model on a dataset")
     pretrain.add_argument("--name", required=True, help="model name (config key under pretrain)")
     pretrain.add_argument("--spec", required=True, help="the model's config section as JSON (or @file)")
@@ -112,6 +115,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--input", required=True, help="CIF/POSCAR folder, .tar/.tar.gz, or crystals.parquet")
     predict.add_argument("--out", required=True, help="CSV: id, one column per target in physical units")
     predict.add_argument("--workers", type=int, default=0)
+    predict.add_argument("--max-z", type=int, help="refuse crystals with an element above this Z (default: the "
+                         "filters.max_z the model's training data went through, else 80)")
+    predict.add_argument("--min-distance", type=float, help="refuse crystals with two atoms closer than this, Å "
+                         "(default: the model's training data's filters.min_distance, else 0.5)")
     predict.set_defaults(func=_cmd_predict)
 
     report = sub.add_parser("report", help="Tables 2 and 3, loss curves, attention figure, parity plot")

@@ -30,6 +30,7 @@ from crystal_transfer import __version__
 from crystal_transfer.atomic import atomic_path, write_csv, write_json
 from crystal_transfer.data.sources import RawCrystal, Source
 from crystal_transfer.data.structures import (
+    DEFAULT_MIN_DISTANCE,
     DUPLICATE_CRYSTAL,
     DUPLICATE_ID,
     NO_LABELS,
@@ -56,15 +57,15 @@ class Kept:
     labels: dict[str, float | None]
 
 
-def _parse_job(job: tuple[str, str, int]) -> ParsedCrystal | Rejection:
-    fmt, text, max_z = job
+def _parse_job(job: tuple[str, str, int, float]) -> ParsedCrystal | Rejection:
+    fmt, text, max_z, min_distance = job
     try:
-        return parse_crystal(fmt, text, max_z)
+        return parse_crystal(fmt, text, max_z, min_distance)
     except Rejection as rejection:
         return rejection
 
 
-def _parse_all(jobs: list[tuple[str, str, int]], workers: int) -> list[ParsedCrystal | Rejection]:
+def _parse_all(jobs: list[tuple[str, str, int, float]], workers: int) -> list[ParsedCrystal | Rejection]:
     if workers <= 1 or len(jobs) < 200:
         return [_parse_job(job) for job in jobs]
     chunk = max(16, len(jobs) // (workers * 16))
@@ -159,7 +160,7 @@ def build_dataset(
 ) -> dict[str, Any]:
     """Read every source of dataset ``name``, filter, and write the table, rejections and summary.
 
-    ``spec`` is the dataset's config section plus ``filters`` (``max_z``, ``max_rejected_fraction``).
+    ``spec`` is the dataset's config section plus ``filters`` (``max_z``, ``min_distance``, ``max_rejected_fraction``).
     Returns the summary. Raises :class:`DataStageError` when too much is rejected.
     """
     # long: the stage's steps in reading order (read, parse, de-duplicate, check, write), one rejection record
@@ -167,6 +168,7 @@ def build_dataset(
     out_dir = Path(out_dir)
     filters = spec["filters"]
     max_z = int(filters["max_z"])
+    min_distance = float(filters.get("min_distance", DEFAULT_MIN_DISTANCE))
     workers = workers or min(os.cpu_count() or 1, 8)
     sources = [Source.from_config(source_spec) for source_spec in spec["sources"]]
     names = [source.name for source in sources]
@@ -207,7 +209,7 @@ def build_dataset(
                 continue
             candidates.append((raw, source.name, labels))
 
-    parsed = _parse_all([(raw.fmt, raw.text, max_z) for raw, _, _ in candidates], workers)
+    parsed = _parse_all([(raw.fmt, raw.text, max_z, min_distance) for raw, _, _ in candidates], workers)
     kept: list[Kept] = []
     kept_ids: dict[str, Kept] = {}
     for (raw, source_name, labels), result in zip(candidates, parsed, strict=True):
@@ -250,9 +252,16 @@ def build_dataset(
         "labels": {label: int(sum(c.labels.get(label) is not None for c in kept)) for label in units},
         "units": units,
         "max_z": max_z,
+        "min_distance": min_distance,
         "seconds": None,
     }
-    fraction = len(rejected) / total if total else 1.0
+    if total == 0:
+        per_source = ", ".join(f"'{source.name}' ({source.type_name})" for source in sources)
+        raise DataStageError(
+            f"dataset '{name}': its sources yielded no records at all ({per_source}); check their paths, "
+            "archives and label files"
+        )
+    fraction = len(rejected) / total
     limit = float(filters["max_rejected_fraction"])
     out_dir.mkdir(parents=True, exist_ok=True)
     if not kept or fraction > limit:
@@ -273,6 +282,7 @@ def build_dataset(
         "sources": [{"name": s.name, "type": s.type_name} for s in sources],
         "units": units,
         "max_z": max_z,
+        "min_distance": min_distance,
     }
     with atomic_path(out_dir / TABLE_FILE) as tmp:
         pq.write_table(_table(kept, units, metadata), tmp, compression="zstd")

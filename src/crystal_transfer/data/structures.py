@@ -25,8 +25,11 @@ DUPLICATE_ID = "duplicate_id"
 DUPLICATE_CRYSTAL = "duplicate_crystal"
 MISSING_STRUCTURE = "missing_structure"
 MISSING_LABELS = "missing_labels"
+MISSING_ID = "missing_id"
 UNSAFE_PATH = "unsafe_path"
 UNKNOWN_FORMAT = "unknown_format"
+UNKNOWN_ELEMENT = "unknown_element"
+OVERLAPPING_ATOMS = "overlapping_atoms"
 # Remote sources (OQMD, Materials Project) and the matching of the two.
 INCONSISTENT_MODULI = "inconsistent_moduli"
 NO_MATCH = "no_match"
@@ -54,6 +57,10 @@ class ParsedCrystal:
     numbers: np.ndarray  # (n,) atomic numbers
     frac_coords: np.ndarray  # (n, 3)
 
+
+# Two atoms (or an atom and its own periodic image) closer than this are one position written twice, not a
+# bond: the shortest bond of any real crystal (H2, 0.74 Å) is well above it. ``filters.min_distance`` overrides it.
+DEFAULT_MIN_DISTANCE = 0.5
 
 FORMATS = ("cif", "poscar", "pymatgen_dict", "pymatgen_json", "oqmd_sites")
 
@@ -116,20 +123,30 @@ def _first_line(message: str, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def parse_crystal(fmt: str, text: str, max_z: int) -> ParsedCrystal:
+def parse_crystal(
+    fmt: str, text: str, max_z: int, min_distance: float = DEFAULT_MIN_DISTANCE
+) -> ParsedCrystal:
     """Parse ``text`` and check it; raise :class:`Rejection` for anything the pipeline cannot use.
 
-    Checks, in order: empty input, parse errors, partial occupancy, elements with Z above ``max_z``,
-    a degenerate lattice or non-finite coordinates.
+    Checks, in order: empty input, parse errors, partial occupancy, symbols that are not elements (pymatgen
+    reads ``Xx`` as a dummy species), elements with Z above ``max_z``, a degenerate lattice or non-finite
+    coordinates, and two atoms closer than ``min_distance`` Å (one of them may be a periodic image).
     """
     if not text or not text.strip():
         raise Rejection(EMPTY_FILE, "empty structure file")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pymatgen warns about electronegativities and rounding, not errors
-        return _checked(fmt, text, max_z)
+        try:
+            return _checked(fmt, text, max_z, min_distance)
+        except Rejection:
+            raise
+        except Exception as exc:  # a check that pymatgen's objects break in a new way still rejects one record
+            raise Rejection(UNPARSABLE, f"unparsable {fmt}: {_first_line(exc) or type(exc).__name__}") from None
 
 
-def _checked(fmt: str, text: str, max_z: int) -> ParsedCrystal:
+def _checked(fmt: str, text: str, max_z: int, min_distance: float) -> ParsedCrystal:
+    from pymatgen.core.periodic_table import Element
+
     try:
         structure = _load_structure(fmt, text)
     except Exception as exc:  # pymatgen raises many types; all mean "cannot read this crystal"
@@ -141,21 +158,62 @@ def _checked(fmt: str, text: str, max_z: int) -> ParsedCrystal:
             if not site.is_ordered:
                 occupancy = ", ".join(f"{sp}:{occ:g}" for sp, occ in site.species.items())
                 raise Rejection(PARTIAL_OCCUPANCY, f"partial occupancy at site {index} ({occupancy})")
+    for index, site in enumerate(structure):
+        element = getattr(site.specie, "element", site.specie)  # an oxidation-state Species has its element
+        if not isinstance(element, Element):
+            raise Rejection(
+                UNKNOWN_ELEMENT, f"site {index} holds '{site.specie}', which is not a chemical element"
+            )
     numbers = np.array([site.specie.Z for site in structure], dtype=np.int16)
-    heavy = sorted({int(z) for z in numbers if z > max_z})
-    if heavy:
-        from pymatgen.core.periodic_table import Element
-
-        names = ", ".join(f"{Element.from_Z(z).symbol} (Z={z})" for z in heavy)
-        raise Rejection(ELEMENT_ABOVE_MAX_Z, f"contains {names}, above max_z={max_z}")
     lattice = np.asarray(structure.lattice.matrix, dtype=np.float64)
     frac = np.asarray(structure.frac_coords, dtype=np.float64)
-    volume = abs(float(np.linalg.det(lattice)))
-    if not (np.isfinite(lattice).all() and np.isfinite(frac).all()) or not volume > 1e-3:
-        raise Rejection(UNPARSABLE, f"unparsable {fmt}: degenerate lattice or non-finite coordinates")
+    check_arrays(fmt, lattice, frac, numbers, max_z, min_distance)
     return ParsedCrystal(
         formula=structure.composition.reduced_formula, lattice=lattice, numbers=numbers, frac_coords=frac
     )
+
+
+def check_arrays(
+    fmt: str, lattice: np.ndarray, frac: np.ndarray, numbers: np.ndarray, max_z: int, min_distance: float
+) -> None:
+    """The checks on a crystal's arrays (shared with ``predict`` on a table): elements above ``max_z``, a degenerate
+    lattice or non-finite coordinates, and two atoms closer than ``min_distance``; raises :class:`Rejection`."""
+    from pymatgen.core.periodic_table import Element
+
+    heavy = sorted({int(z) for z in numbers if z > max_z})
+    if heavy:
+        names = ", ".join(f"{Element.from_Z(z).symbol} (Z={z})" for z in heavy)
+        raise Rejection(ELEMENT_ABOVE_MAX_Z, f"contains {names}, above max_z={max_z}")
+    volume = abs(float(np.linalg.det(lattice))) if np.isfinite(lattice).all() else 0.0
+    if not (np.isfinite(lattice).all() and np.isfinite(frac).all()) or not volume > 1e-3:
+        raise Rejection(UNPARSABLE, f"unparsable {fmt}: degenerate lattice or non-finite coordinates")
+    closest = closest_pair(lattice, frac, min_distance)
+    if closest is not None:
+        i, j, distance = closest
+        symbol_i, symbol_j = Element.from_Z(int(numbers[i])).symbol, Element.from_Z(int(numbers[j])).symbol
+        what = f"atoms {i} ({symbol_i}) and {j} ({symbol_j})" if i != j else f"atom {i} ({symbol_i}) and its own image"
+        raise Rejection(
+            OVERLAPPING_ATOMS, f"{what} are {distance:.3g} Å apart, closer than min_distance={min_distance:g} Å"
+        )
+
+
+def closest_pair(lattice: np.ndarray, frac: np.ndarray, cutoff: float) -> tuple[int, int, float] | None:
+    """The closest two atoms (periodic images included) when closer than ``cutoff`` Å, else None."""
+    if cutoff <= 0:
+        return None
+    import vesin
+
+    heights = 1.0 / np.linalg.norm(np.linalg.inv(lattice), axis=1)
+    if (cutoff / heights).max() > 1e3:  # vesin would search millions of images of this sliver of a cell
+        raise Rejection(UNPARSABLE, f"degenerate lattice: lattice planes {heights.min():.3g} Å apart")
+    cart = np.ascontiguousarray(frac @ lattice)
+    i, j, d = vesin.NeighborList(cutoff=float(cutoff), full_list=False).compute(
+        points=cart, box=lattice, periodic=True, quantities="ijd"
+    )
+    if len(d) == 0:
+        return None
+    k = int(np.argmin(d))
+    return int(i[k]), int(j[k]), float(d[k])
 
 
 def parse_label(name: str, value: object) -> float | None:

@@ -14,15 +14,38 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from crystal_transfer.errors import MissingError
+
 TABLE_FILE = "crystals.parquet"
 REJECTED_FILE = "rejected.csv"
 SUMMARY_FILE = "summary.json"
 REJECTED_COLUMNS = ["id", "source", "source_file", "reason", "message"]
 
 
+STRUCTURE_COLUMNS = ("id", "source", "formula", "num_sites", "lattice", "numbers", "frac_coords")
+PROVENANCE_COLUMNS = ("source_file", "source_sha256")
+
+
 def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """Read a canonical crystal table (optionally only some columns)."""
+    """Read a canonical crystal table (optionally only some columns); a column it lacks is named with the
+    labels it has."""
+    if columns is not None:
+        names = pq.read_schema(path).names
+        missing = [column for column in columns if column not in names]
+        if missing:
+            labels = [name for name in names if name not in STRUCTURE_COLUMNS + PROVENANCE_COLUMNS]
+            raise MissingError(
+                f"{path} has no column {', '.join(repr(m) for m in missing)}; its labels are: "
+                f"{', '.join(labels) or 'none'}"
+            )
     return pq.read_table(path, columns=columns)
+
+
+def table_filters(path: str | Path) -> dict[str, float]:
+    """The data stage's per-crystal filters the table was built with (``max_z``, ``min_distance``), as recorded."""
+    meta = pq.read_schema(path).metadata or {}
+    recorded = json.loads(meta.get(b"crystal_transfer", b"{}"))
+    return {key: recorded[key] for key in ("max_z", "min_distance") if key in recorded}
 
 
 def table_units(path: str | Path) -> dict[str, str]:

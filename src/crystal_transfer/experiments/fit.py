@@ -22,7 +22,8 @@ from torch.utils.data import Dataset
 
 from crystal_transfer.atomic import write_csv, write_json
 from crystal_transfer.data.labels import transform_of
-from crystal_transfer.data.table import table_units
+from crystal_transfer.data.table import table_filters, table_units
+from crystal_transfer.errors import InputError
 from crystal_transfer.graphs.dataset import GraphDataset
 from crystal_transfer.kernels import native
 from crystal_transfer.models.cgcnn import CGCNN
@@ -36,8 +37,19 @@ MODEL_DIR = "model"
 
 
 def fit_normalizers(values: np.ndarray, targets: Sequence[str], units: dict[str, str]) -> list[Normalizer]:
-    """One normaliser per target, fitted on the training crystals' labels ``values`` (n, T) only."""
-    return [Normalizer.fit(values[:, i], transform_of(t), units.get(t, "")) for i, t in enumerate(targets)]
+    """One normaliser per target, fitted on the training crystals' labels ``values`` (n, T) only; a target that
+    cannot be standardised (too few labels, all equal, non-positive values under log10) is named."""
+    normalizers = []
+    for i, target in enumerate(targets):
+        try:
+            normalizers.append(Normalizer.fit(values[:, i], transform_of(target), units.get(target, "")))
+        except InputError as exc:
+            labelled = int(np.isfinite(values[:, i]).sum())
+            raise InputError(
+                f"target '{target}': cannot standardise its labels over the {labelled} labelled training crystals "
+                f"({exc}); choose a split with more, and varied, {target} labels"
+            ) from None
+    return normalizers
 
 
 def evaluate(trainer: Trainer, dataset: Dataset, out_dir: Path) -> dict[str, float]:
@@ -85,7 +97,7 @@ def run_training(
     )
     return train_and_save(
         model, data, normalizers, units, settings, out_dir, record, split["train"], log=log,
-        graph_settings=saved_graph_settings,
+        graph_settings=saved_graph_settings, data_filters=table_filters(table),
     )
 
 
@@ -101,9 +113,12 @@ def train_and_save(
     log=print,
     graph_settings: Mapping[str, Any] | None = None,
     inputs: Mapping[str, Any] | None = None,
+    data_filters: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``data`` (train, val, test datasets with a ``collate``) through the :class:`Trainer`;
-    write metrics, ``test.json``, predictions and the saved model (with ``graph_settings`` or ``inputs``)."""
+    write metrics, ``test.json``, predictions and the saved model (with ``graph_settings`` or ``inputs``, and the
+    data stage's ``data_filters`` that ``predict`` applies to new crystals)."""
+    # long: one run's outputs (metrics, test.json, predictions, the saved model) are written in one place
     out_dir = Path(out_dir)
     targets = list(model.targets)
     fingerprint = fingerprint_ids(train_ids) + json.dumps(record, sort_keys=True)
@@ -120,7 +135,7 @@ def train_and_save(
         trainer.model,
         graph_settings,
         dict(zip(targets, normalizers, strict=True)),
-        training={**record, "settings": settings.__dict__},
+        training={**record, "settings": settings.__dict__, **({"data_filters": dict(data_filters or {})})},
         train_ids=train_ids,
         inputs=inputs,
     )

@@ -17,12 +17,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from crystal_transfer.atomic import atomic_path, sha256_file
+from crystal_transfer.atomic import sha256_file
 from crystal_transfer.errors import InputError, MissingError
 from crystal_transfer.graphs.batch import GraphBatch
 from crystal_transfer.graphs.dataset import CrystalItem, GraphDataset, collate_graphs
 from crystal_transfer.models.cgcnn import CGCNN
 from crystal_transfer.models.set_model import FeatureBatch
+from crystal_transfer.tensor_files import load_tensors, save_tensors
 
 
 @torch.no_grad()
@@ -55,13 +56,12 @@ def compute_frozen_features(model: CGCNN, depth: int | str, dataset: GraphDatase
 
 def save_frozen_features(cache: dict[str, Any], path: str | Path, provenance: dict[str, Any]) -> None:
     """Write a feature cache (plain tensors, lists and strings: loadable with ``weights_only=True``)."""
-    with atomic_path(path) as tmp:
-        torch.save({**cache, "provenance": provenance}, tmp)
+    save_tensors({**cache, "provenance": provenance}, path)
 
 
 def load_frozen_features(path: str | Path) -> dict[str, Any]:
     """Read a cache written by :func:`save_frozen_features`."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_tensors(path, f"feature cache {path}")
 
 
 @dataclass

@@ -1,8 +1,11 @@
 """Predict with any saved model on a CIF/POSCAR folder, a .tar/.tar.gz of them, or a canonical table.
 
-Graphs are built on the fly with the model's own graph settings. A crystal that cannot be predicted (parse
-error, isolated atom under the ``drop`` policy, unknown element) gets an empty prediction and its reason in
-the ``error`` column: nothing is dropped silently.
+Graphs are built on the fly with the model's own graph settings. Every crystal of the input gets one row, in
+the input's order. A crystal that cannot be predicted gets empty predictions and its reason in the ``error``
+column (``reason: message``, the reason codes of the data and graph stages): a parse error, an element above the
+data stage's ``max_z`` or overlapping atoms (the filters the model's training data went through, unless
+``max_z`` / ``min_distance`` say otherwise), a cell the neighbour search refuses, an isolated atom, an element
+without CGCNN features, or a non-finite output. Nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -15,37 +18,60 @@ import torch
 
 from crystal_transfer.atomic import write_csv
 from crystal_transfer.data.sources.local import _crystal_id, structure_files, structure_format
-from crystal_transfer.data.structures import Rejection, parse_crystal
+from crystal_transfer.data.structures import (
+    DEFAULT_MIN_DISTANCE,
+    UNKNOWN_FORMAT,
+    Rejection,
+    check_arrays,
+    parse_crystal,
+)
 from crystal_transfer.errors import InputError
-from crystal_transfer.graphs.crystal_graph import crystal_graph
+from crystal_transfer.graphs.crystal_graph import GraphRejection, crystal_graph
 from crystal_transfer.graphs.dataset import CrystalItem, collate_graphs
 from crystal_transfer.graphs.settings import GraphSettings
 from crystal_transfer.models.saved import load_model
 
 BATCH = 128
+DEFAULT_MAX_Z = 80  # the config schema's filters.max_z, for a model whose card records no data filters
+NON_FINITE_PREDICTION = "non_finite_prediction"
+UNSUPPORTED_ELEMENT = "unsupported_element"
+
+Crystal = tuple[np.ndarray, np.ndarray, np.ndarray]  # lattice (3, 3), fractional coordinates (n, 3), numbers (n,)
 
 
-def _crystals(path: Path) -> Iterator[tuple[str, tuple[np.ndarray, np.ndarray, np.ndarray] | str]]:
-    """(id, (lattice, frac_coords, numbers) or an error message) for every crystal of the input."""
+def _table_crystals(path: Path, max_z: int, min_distance: float) -> Iterator[tuple[str, Crystal | Rejection]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["id", "lattice", "frac_coords", "numbers"]).to_pydict()
+    for crystal_id, lattice, frac, numbers in zip(
+        table["id"], table["lattice"], table["frac_coords"], table["numbers"], strict=True
+    ):
+        lattice, frac, numbers = np.reshape(lattice, (3, 3)), np.reshape(frac, (-1, 3)), np.asarray(numbers)
+        try:
+            check_arrays("table row", lattice, frac, numbers, max_z, min_distance)
+        except Rejection as rejection:
+            yield crystal_id, rejection
+            continue
+        yield crystal_id, (lattice, frac, numbers)
+
+
+def _crystals(path: Path, max_z: int, min_distance: float) -> Iterator[tuple[str, Crystal | Rejection]]:
+    """(id, crystal or the reason it cannot be used) for every crystal of the input, in its order."""
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path, columns=["id", "lattice", "frac_coords", "numbers"]).to_pydict()
-        for crystal_id, lattice, frac, numbers in zip(
-            table["id"], table["lattice"], table["frac_coords"], table["numbers"], strict=True
-        ):
-            yield crystal_id, (np.reshape(lattice, (3, 3)), np.reshape(frac, (-1, 3)), np.asarray(numbers))
+        yield from _table_crystals(path, max_z, min_distance)
         return
+    if not path.exists():
+        raise FileNotFoundError(f"predict input not found: {path}")
     for member, payload, _ in structure_files(path):
         crystal_id = _crystal_id(member)
         fmt = structure_format(member)
         if payload is None or fmt is None:
-            yield crystal_id, f"skipped '{member}': unsafe name or not a CIF/POSCAR file"
+            yield crystal_id, Rejection(UNKNOWN_FORMAT, f"skipped '{member}': unsafe name or not a CIF/POSCAR file")
             continue
         try:
-            parsed = parse_crystal(fmt, payload.decode("utf-8", errors="replace"), max_z=118)
+            parsed = parse_crystal(fmt, payload.decode("utf-8", errors="replace"), max_z, min_distance)
         except Rejection as rejection:
-            yield crystal_id, str(rejection)
+            yield crystal_id, rejection
             continue
         yield crystal_id, (parsed.lattice, parsed.frac_coords, parsed.numbers)
 
@@ -61,66 +87,87 @@ def _graph_model(model_dir: str | Path):
     return saved
 
 
-def predict_to_csv(model_dir: str | Path, input_path: str | Path, out: str | Path, workers: int = 0) -> int:
-    """Write ``id, <target> (unit)..., error`` for every crystal of ``input_path``; returns the row count."""
+def predict_to_csv(
+    model_dir: str | Path,
+    input_path: str | Path,
+    out: str | Path,
+    workers: int = 0,
+    max_z: int | None = None,
+    min_distance: float | None = None,
+) -> dict[str, int]:
+    """Write ``id, <target> (unit)..., error`` for every crystal of ``input_path``, in its order; returns counts
+    (``rows``, ``predicted``, ``failed``). ``max_z`` / ``min_distance`` default to the filters of the model's
+    training data (its card), else the config's defaults."""
+    # long: the rows of one input in order, predicted in batches, with each reason a crystal fails in one place
     saved = _graph_model(model_dir)
+    filters = saved.training.get("data_filters", {})
+    max_z = int(filters.get("max_z", DEFAULT_MAX_Z) if max_z is None else max_z)
+    min_distance = float(filters.get("min_distance", DEFAULT_MIN_DISTANCE) if min_distance is None else min_distance)
     gs = saved.graph_settings
     settings = GraphSettings(radius=gs["radius"], max_num_nbr=gs["max_num_nbr"], cgcnn_padding=gs["cgcnn_padding"])
     targets = list(saved.model.targets)
     header = ["id"] + [f"{t} ({saved.normalizers[t].unit})" if saved.normalizers[t].unit else t for t in targets]
     rows: list[list[str]] = []
-    pending: list[CrystalItem] = []
+    pending: list[tuple[int, CrystalItem]] = []
 
-    def flush() -> None:
-        if not pending:
-            return
-        batch = collate_graphs(pending, cgcnn_padding=settings.cgcnn_padding)
+    def fail(position: int, reason: object) -> None:
+        rows[position] = rows[position][:1] + [""] * len(targets) + [str(reason)]
+
+    def predict(items: list[tuple[int, CrystalItem]]) -> None:
         try:
-            outputs = saved.predict(batch)
-        except ValueError as exc:  # e.g. an element without CGCNN features: predict one by one to isolate it
-            if len(pending) > 1:
-                items = list(pending)
-                pending.clear()
+            outputs = saved.predict(collate_graphs([item for _, item in items], cgcnn_padding=settings.cgcnn_padding))
+        except ValueError as exc:  # an element without CGCNN features: one by one, to find the crystal
+            if len(items) > 1:
                 for item in items:
-                    pending.append(item)
-                    flush()
-                return
-            rows.append([pending[0].id] + [""] * len(targets) + [str(exc)])
-            pending.clear()
+                    predict([item])
+            else:
+                fail(items[0][0], f"{UNSUPPORTED_ELEMENT}: {exc}")
             return
-        for index, item in enumerate(pending):
-            rows.append([item.id] + [f"{float(outputs[t][index]):.6g}" for t in targets] + [""])
-        pending.clear()
+        for index, (position, _) in enumerate(items):
+            values = [float(outputs[t][index]) for t in targets]
+            if not all(np.isfinite(values)):
+                fail(position, f"{NON_FINITE_PREDICTION}: the model's output is {values}")
+            else:
+                rows[position] = rows[position][:1] + [f"{v:.6g}" for v in values] + [""]
 
     with torch.no_grad():
-        for crystal_id, crystal in _crystals(Path(input_path)):
-            if isinstance(crystal, str):
-                rows.append([crystal_id] + [""] * len(targets) + [crystal])
+        for crystal_id, crystal in _crystals(Path(input_path), max_z, min_distance):
+            position = len(rows)
+            rows.append([crystal_id] + [""] * (len(targets) + 1))
+            if isinstance(crystal, Rejection):
+                fail(position, crystal)
                 continue
             lattice, frac, numbers = crystal
             graph = crystal_graph(lattice, frac, numbers, settings)
-            if isinstance(graph, str):
-                rows.append([crystal_id] + [""] * len(targets) + [graph])
+            if isinstance(graph, GraphRejection):
+                fail(position, graph)
                 continue
-            pending.append(
-                CrystalItem(
-                    id=crystal_id,
-                    numbers=np.asarray(numbers),
-                    nbr_idx=graph.nbr_idx,
-                    nbr_dist=graph.nbr_dist,
-                    nbr_count=graph.nbr_count,
-                    targets=np.zeros(0, np.float32),
-                )
+            item = CrystalItem(
+                id=crystal_id, numbers=np.asarray(numbers), nbr_idx=graph.nbr_idx, nbr_dist=graph.nbr_dist,
+                nbr_count=graph.nbr_count, targets=np.zeros(0, np.float32),
             )
+            pending.append((position, item))
             if len(pending) == BATCH:
-                flush()
-        flush()
+                predict(pending)
+                pending = []
+        if pending:
+            predict(pending)
     write_csv(out, header + ["error"], rows)
-    return len(rows)
+    failed = sum(1 for row in rows if row[-1])
+    return {"rows": len(rows), "predicted": len(rows) - failed, "failed": failed}
 
 
-def run(model: str | Path, input_path: str | Path, out: str | Path, workers: int = 0, log=print) -> int:
+def run(
+    model: str | Path,
+    input_path: str | Path,
+    out: str | Path,
+    workers: int = 0,
+    max_z: int | None = None,
+    min_distance: float | None = None,
+    log=print,
+) -> dict[str, int]:
     """The ``predict`` command: predictions of a saved model for every crystal of ``input_path``."""
-    count = predict_to_csv(model, input_path, out, workers=workers)
-    log(f"wrote {count} predictions -> {out}")
-    return count
+    counts = predict_to_csv(model, input_path, out, workers=workers, max_z=max_z, min_distance=min_distance)
+    failed = f", {counts['failed']} without a prediction (reason in the error column)" if counts["failed"] else ""
+    log(f"wrote {counts['rows']} rows -> {out}: {counts['predicted']} predicted{failed}")
+    return counts

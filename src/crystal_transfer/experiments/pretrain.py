@@ -9,9 +9,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from crystal_transfer.config import validate_model_spec
 from crystal_transfer.data.table import label_values, read_table
 from crystal_transfer.errors import InputError
 from crystal_transfer.experiments.fit import MODEL_DIR, run_training
+from crystal_transfer.graphs.stage import read_manifest
 from crystal_transfer.models.cgcnn import CGCNN
 from crystal_transfer.training.trainer import TrainSettings
 
@@ -44,6 +46,7 @@ def run(name: str, spec: dict[str, Any], out: str | Path, table: str | Path | No
         graphs: str | Path | None = None, log=print) -> None:
     """The ``pretrain`` stage for the model ``name`` of the config's ``pretrain`` section (``spec``)."""
     out = Path(out)
+    spec = validate_model_spec(name, spec)
     if spec["kind"] == "published":
         from crystal_transfer.models.published import convert
 
@@ -58,7 +61,8 @@ def run(name: str, spec: dict[str, Any], out: str | Path, table: str | Path | No
     )
     settings = TrainSettings.from_dict({**spec["train"], "seed": spec.get("seed", 0)})
     torch.manual_seed(settings.seed)
-    model = CGCNN(targets=targets, conv_type=spec.get("conv_type", "gated"), **spec["architecture"])
+    radius = float(read_manifest(graphs)["settings"]["radius"])  # the model's Gaussians span the graphs' radius
+    model = CGCNN(targets=targets, conv_type=spec.get("conv_type", "gated"), radius=radius, **spec["architecture"])
     record = {
         "name": name,
         "kind": "pretrain",

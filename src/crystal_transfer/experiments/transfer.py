@@ -106,7 +106,9 @@ def run(
             saved.graph_settings, datasets["train"].settings.as_dict(), keys=TRANSFER_KEYS, graphs=graphs
         )
         trunk = saved.model
-    model = build_transfer_model(target, mode, depth, seed, trunk, spec.get("architecture"))
+    # a model trained from scratch takes its Gaussians' range from the graphs (a source's equals them: checked)
+    architecture = {"radius": datasets["train"].settings.radius, **(spec.get("architecture") or {})}
+    model = build_transfer_model(target, mode, depth, seed, trunk, architecture)
     if cache:
         features = load_frozen_features(cache)
         if int(features["depth"]) != depth:

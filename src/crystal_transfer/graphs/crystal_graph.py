@@ -25,7 +25,20 @@ from crystal_transfer.graphs.errors import GraphStageError, NeighbourSearchError
 from crystal_transfer.graphs.neighbours import NUMERICAL_TOL, PARTITION_MARGIN, select_neighbours
 from crystal_transfer.graphs.settings import SEARCHES, GraphSettings
 
+# Reason codes of the graph stage's rejected.csv (and of predict's error column).
 ISOLATED_ATOM = "isolated_atom"
+UNSEARCHABLE_CELL = "unsearchable_cell"  # the neighbour search refuses it: non-finite, singular or far too thin
+
+
+@dataclass(frozen=True)
+class GraphRejection:
+    """A crystal that gets no graph, with its reason code and a message for rejected.csv."""
+
+    reason: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message}"
 
 
 @dataclass
@@ -99,11 +112,13 @@ def crystal_graph(
     numbers: np.ndarray,
     settings: GraphSettings,
     search: str = "vesin",
-) -> CrystalGraph | str:
-    """The graph of one crystal, or a rejection message when an isolated atom makes the policy drop it.
+) -> CrystalGraph | GraphRejection:
+    """The graph of one crystal, or a :class:`GraphRejection` when the neighbour search refuses the cell or an
+    isolated atom makes the policy drop it.
 
     ``search="pymatgen"`` takes pymatgen's search instead of vesin's (the reference the tests compare with).
     """
+    # long: both searches share the isolated-atom policy's loop over growing radii
     if search not in SEARCHES:
         raise GraphStageError(f"search must be one of {', '.join(SEARCHES)}, not '{search}'")
     numbers = np.asarray(numbers)
@@ -112,12 +127,20 @@ def crystal_graph(
     radius = settings.radius
     while True:
         if search == "vesin":
-            lists = _search_lists(
-                np.asarray(lattice).reshape(1, 3, 3), np.array([0, num_atoms]), frac_coords, numbers, radius, m,
-                settings.tie_tolerance,
-            )
+            try:
+                lists = _search_lists(
+                    np.asarray(lattice).reshape(1, 3, 3), np.array([0, num_atoms]), frac_coords, numbers, radius, m,
+                    settings.tie_tolerance,
+                )
+            except NeighbourSearchError as error:
+                return GraphRejection(UNSEARCHABLE_CELL, error.what)
             counts = lists[2]
         else:
+            frac_rows = np.asarray(frac_coords, dtype=np.float64).reshape(-1, 3)
+            cell = np.asarray(lattice, dtype=np.float64).reshape(1, 3, 3)
+            refused = neighbours.refusals(cell, np.array([0, num_atoms]), frac_rows, radius)
+            if refused:
+                return GraphRejection(UNSEARCHABLE_CELL, f"neighbour search failed: {refused[0]}")
             centre, neighbour, image, distance = neighbour_pairs(lattice, frac_coords, numbers, radius)
             counts = np.bincount(centre, minlength=num_atoms)
         isolated = np.flatnonzero(counts == 0)
@@ -128,7 +151,10 @@ def crystal_graph(
             reach = f"{radius:g} Å" + (
                 f" (extended up to max_radius {settings.max_radius:g} Å)" if settings.isolated_atoms == "extend" else ""
             )
-            return f"{len(isolated)} atom(s) without a neighbour within {reach}, e.g. atom {first} (Z={numbers[first]})"
+            return GraphRejection(
+                ISOLATED_ATOM,
+                f"{len(isolated)} atom(s) without a neighbour within {reach}, e.g. atom {first} (Z={numbers[first]})",
+            )
         radius = radius + settings.extend_step
     if search == "vesin":
         nbr_idx, nbr_dist, nbr_count = lists

@@ -1,7 +1,8 @@
 """A PyTorch dataset over graph shards, and the collate that turns crystals into one :class:`GraphBatch`.
 
 Shards are checked (sha256 and graph settings against the manifest) when the dataset is built, only those
-holding a selected crystal, and memory-mapped on first use: a crystal is a set of zero-copy views, so the
+holding a selected crystal, and memory-mapped on first use, after a check of their content (its hash, and
+distances and indices that make sense): a crystal is a set of zero-copy views, so the
 memory in use is bounded by the shard files the selection touches (pages the operating system may drop).
 Labels come from the canonical table; the table must be the one the shards were built from.
 """
@@ -22,8 +23,8 @@ from crystal_transfer.errors import MissingError
 from crystal_transfer.graphs.batch import GraphBatch
 from crystal_transfer.graphs.errors import GraphStageError
 from crystal_transfer.graphs.settings import GraphSettings
-from crystal_transfer.graphs.shards import ShardFormatError, map_arrays, read_header
-from crystal_transfer.graphs.stage import MANIFEST_FILE, REJECTED_FILE, file_sha256, read_json, rebuild_command
+from crystal_transfer.graphs.shards import ShardFormatError, check_graph_arrays, read_header, verified_arrays
+from crystal_transfer.graphs.stage import REJECTED_FILE, file_sha256, read_manifest, rebuild_command
 
 
 @dataclass
@@ -92,13 +93,7 @@ class GraphDataset(torch.utils.data.Dataset):
     ) -> None:
         # long: each check of the graphs against the table and the selection names its own fix
         self.graph_dir = Path(graph_dir)
-        manifest_path = self.graph_dir / MANIFEST_FILE
-        if not manifest_path.is_file():
-            raise GraphStageError(
-                f"no {MANIFEST_FILE} in {self.graph_dir}: build the graphs first (python -m crystal_transfer "
-                f"graphs build --table <crystals.parquet> --dataset <name> --out {self.graph_dir} --config <config>)"
-            )
-        self.manifest = read_json(manifest_path)
+        self.manifest = read_manifest(self.graph_dir)
         self.settings = GraphSettings.from_dict(self.manifest["settings"])
         self.targets = list(targets)
         self.skipped: list[str] = []
@@ -205,7 +200,12 @@ class GraphDataset(torch.utils.data.Dataset):
     def _arrays(self, shard: int) -> dict[str, np.ndarray]:
         arrays = self._open.get(shard)
         if arrays is None:
-            arrays = map_arrays(self.graph_dir / self.manifest["shards"][shard]["file"])
+            path = self.graph_dir / self.manifest["shards"][shard]["file"]
+            try:
+                arrays = verified_arrays(path)
+                check_graph_arrays(arrays, self.settings.max_num_nbr, f"graph shard {path}")
+            except ShardFormatError as exc:
+                raise self._stale(shard, str(exc)) from None
             self._open[shard] = arrays
         return arrays
 

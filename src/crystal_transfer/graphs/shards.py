@@ -5,15 +5,18 @@ Layout of a ``.cgs`` file (crystal graph shard):
 - bytes 0-7: the magic ``b"CTGSHRD1"``;
 - bytes 8-15: the header length ``h`` as an unsigned 64-bit little-endian integer;
 - bytes 16 .. 16+h: the header, UTF-8 JSON: ``{"format", "version", "meta": {...}, "arrays": {name: {"dtype",
-  "shape", "offset"}}}``, where ``offset`` is the absolute byte offset of the array (a multiple of 64);
+  "shape", "offset"}}, "content_sha256"}``, where ``offset`` is the absolute byte offset of the array (a multiple
+  of 64) and ``content_sha256`` the sha256 of the arrays' bytes in header order, taken when the shard was written;
 - the arrays, C order, each starting at its offset.
 
 Readers map the file and take zero-copy views of the arrays, so opening a shard costs its header only and
-the operating system pages in the crystals that are used.
+the operating system pages in the crystals that are used. :func:`verified_arrays` first checks the content
+against ``content_sha256`` and :func:`check_graph_arrays`, so a damaged file is refused, never trained on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
@@ -57,9 +60,10 @@ def write_shard(path: str | Path, arrays: dict[str, np.ndarray], meta: dict[str,
             offset = _aligned(offset)
             table[name] = {"dtype": array.dtype.str, "shape": list(array.shape), "offset": offset}
             offset += array.nbytes
-        header = {"format": FORMAT, "version": VERSION, "meta": meta, "arrays": table}
+        header = {"format": FORMAT, "version": VERSION, "meta": meta, "arrays": table, "content_sha256": content}
         return json.dumps(header, separators=(",", ":")).encode(), table
 
+    content = content_sha256(arrays)
     # The array offsets depend on the header length, which depends on the offsets: iterate to a fixed point.
     start = 16
     while True:
@@ -116,3 +120,60 @@ def map_arrays(path: str | Path, header: dict[str, Any] | None = None) -> dict[s
             raise ShardFormatError(f"{path} is truncated: array '{name}' ends at byte {end}, the file has {size}")
         arrays[name] = np.frombuffer(mapped, dtype=dtype, count=count, offset=spec["offset"]).reshape(shape)
     return arrays
+
+
+def content_sha256(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 of the arrays' bytes in order (what ``content_sha256`` in a shard's header records)."""
+    digest = hashlib.sha256()
+    for array in arrays.values():
+        digest.update(np.ascontiguousarray(array).tobytes(order="C"))
+    return digest.hexdigest()
+
+
+def verified_arrays(path: str | Path, header: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """:func:`map_arrays` after checking the bytes against the ``content_sha256`` the writer recorded."""
+    header = header or read_header(path)
+    arrays = map_arrays(path, header)
+    recorded = header.get("content_sha256")
+    if recorded is None:
+        raise ShardFormatError(f"{path} records no content_sha256: it was not written by this version")
+    if content_sha256(arrays) != recorded:
+        raise ShardFormatError(f"{path} is damaged: its arrays no longer match the sha256 recorded when it was built")
+    return arrays
+
+
+def check_graph_arrays(arrays: dict[str, np.ndarray], max_num_nbr: int, what: str) -> None:
+    """Raise :class:`ShardFormatError` (naming ``what``) unless the arrays are a consistent set of crystal graphs:
+    pointers that partition the atoms, atomic numbers 1-118, neighbour indices inside their crystal, and real
+    neighbour distances finite, positive and within the crystal's radius."""
+    try:
+        ptr, numbers, counts = arrays["atom_ptr"], arrays["numbers"], arrays["nbr_count"]
+        idx, dist, radius = arrays["nbr_idx"], arrays["nbr_dist"], arrays["radius"]
+    except KeyError as exc:
+        raise ShardFormatError(f"{what} lacks the array {exc}") from None
+    atoms = len(numbers)
+    problems = []
+    if len(ptr) != len(radius) + 1 or ptr[0] != 0 or ptr[-1] != atoms or (np.diff(ptr) < 0).any():
+        problems.append("its atom pointers do not partition the atoms")
+    elif idx.shape != (atoms, max_num_nbr) or dist.shape != (atoms, max_num_nbr) or counts.shape != (atoms,):
+        problems.append(f"its neighbour arrays are not {atoms} x {max_num_nbr}")
+    else:
+        sizes = np.repeat(np.diff(ptr), np.diff(ptr))
+        reach = np.repeat(radius.astype(np.float64), np.diff(ptr))
+        real = np.arange(max_num_nbr)[None, :] < counts[:, None]
+        with np.errstate(invalid="ignore"):
+            if ((numbers < 1) | (numbers > 118)).any():
+                problems.append("atomic numbers outside 1-118")
+            if (counts > max_num_nbr).any():
+                problems.append(f"more than max_num_nbr={max_num_nbr} neighbours for an atom")
+            if (idx.astype(np.int64) >= sizes[:, None]).any() or (idx.astype(np.int64) < 0).any():
+                problems.append("neighbour indices outside their crystal")
+            bad = real & ~(np.isfinite(dist) & (dist > 0) & (dist <= (reach * (1 + 1e-6) + 1e-6)[:, None]))
+            if bad.any():
+                atom = int(np.flatnonzero(bad.any(axis=1))[0])
+                problems.append(
+                    f"neighbour distances that are not finite, positive and within the radius (atom {atom}: "
+                    f"{dist[atom][bad[atom]][:3].tolist()})"
+                )
+    if problems:
+        raise ShardFormatError(f"{what} is damaged: " + "; ".join(problems))

@@ -27,16 +27,24 @@ import pyarrow.parquet as pq
 from crystal_transfer import __version__
 from crystal_transfer.atomic import sha256_file as file_sha256
 from crystal_transfer.atomic import write_csv, write_json
+from crystal_transfer.graphs import neighbours
 from crystal_transfer.graphs.crystal_graph import (
-    ISOLATED_ATOM,
+    UNSEARCHABLE_CELL,
     CrystalGraph,
+    GraphRejection,
     _index_dtype,
     _search_lists,
     crystal_graph,
 )
 from crystal_transfer.graphs.errors import GraphStageError, NeighbourSearchError
 from crystal_transfer.graphs.settings import SEARCHES, GraphSettings
-from crystal_transfer.graphs.shards import map_arrays, read_header, write_shard
+from crystal_transfer.graphs.shards import (
+    ShardFormatError,
+    check_graph_arrays,
+    read_header,
+    verified_arrays,
+    write_shard,
+)
 
 PLAN_FILE = "plan.json"
 MANIFEST_FILE = "manifest.json"
@@ -75,6 +83,17 @@ def make_plan(
     if not (Path(out).is_file() and read_json(out) == plan):  # unchanged plans keep their time stamp
         write_json(out, plan)
     return plan
+
+
+def read_manifest(graph_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a graph folder (its settings, shards and counts); refused in one line when absent."""
+    path = Path(graph_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise GraphStageError(
+            f"no {MANIFEST_FILE} in {graph_dir}: build the graphs first (python -m crystal_transfer "
+            f"graphs build --table <crystals.parquet> --dataset <name> --out {graph_dir} --config <config>)"
+        )
+    return read_json(path)
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
@@ -142,30 +161,23 @@ def build_shard(
     extended: list[dict[str, Any]] = []
     rejected: list[dict[str, str]] = []
     atom_ptr, frac, numbers_all = arrays["atom_ptr"], arrays["frac"], arrays["numbers"]
-    batched = search == "vesin" and stop > start
-    if batched:  # the whole shard in one call; rows with an isolated atom redone below
-        first = atom_ptr[start]
-        try:
-            lists = _search_lists(
-                arrays["lattice"][start:stop], atom_ptr[start : stop + 1], frac[first : atom_ptr[stop]],
-                numbers_all[first : atom_ptr[stop]], settings.radius, settings.max_num_nbr, settings.tie_tolerance,
-            )
-        except NeighbourSearchError as error:
-            row = start + error.crystal
-            raise GraphStageError(f"crystal {arrays['ids'][row]} (row {row} of {table}): {error.what}") from None
+    lists, offsets, refused = (None, {}, {})
+    if search == "vesin":
+        lists, offsets, refused = _shard_lists(arrays, range(start, stop), settings)
     for row in range(start, stop):
         a0, a1 = atom_ptr[row], atom_ptr[row + 1]
         numbers = numbers_all[a0:a1]
-        if batched and (settings.isolated_atoms == "keep" or lists[2][a0 - first : a1 - first].all()):
-            local = slice(a0 - first, a1 - first)
-            graph = CrystalGraph(
-                lists[0][local], lists[1][local], lists[2][local].astype(np.uint8), settings.radius
-            )
-        else:
-            graph = crystal_graph(arrays["lattice"][row], frac[a0:a1], numbers, settings, search)
         crystal_id = arrays["ids"][row]
-        if isinstance(graph, str):
-            rejected.append({"id": crystal_id, "reason": ISOLATED_ATOM, "message": graph})
+        if row in refused:
+            rejected.append({"id": crystal_id, "reason": UNSEARCHABLE_CELL, "message": refused[row]})
+            continue
+        local = slice(offsets[row], offsets[row] + a1 - a0) if lists is not None else None
+        if local is not None and (settings.isolated_atoms == "keep" or lists[2][local].all()):
+            graph = CrystalGraph(lists[0][local], lists[1][local], lists[2][local].astype(np.uint8), settings.radius)
+        else:  # pymatgen's search, or an isolated atom: the one-crystal path applies the policy
+            graph = crystal_graph(arrays["lattice"][row], frac[a0:a1], numbers, settings, search)
+        if isinstance(graph, GraphRejection):
+            rejected.append({"id": crystal_id, "reason": graph.reason, "message": graph.message})
             continue
         if graph.radius != settings.radius:
             extended.append({"id": crystal_id, "radius": graph.radius})
@@ -200,8 +212,40 @@ def build_shard(
         "created_by": f"crystal_transfer {__version__}",
     }
     out = Path(out) if out else plan_path.parent / entry["file"]
+    check_graph_arrays(shard_arrays, m, f"shard {index} of {plan_path} as built")  # a bug, if ever: never written
     write_shard(out, shard_arrays, meta)
     return meta
+
+
+def _shard_lists(
+    arrays: dict[str, Any], rows: range, settings: GraphSettings
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray] | None, dict[int, int], dict[int, str]]:
+    """vesin's neighbour lists of the table ``rows`` in one call: ``(lists, first atom of each row in the lists,
+    {row: why} for the rows the search refuses)``. A refused crystal is left out and the rest searched again, so
+    one broken cell costs its own graph only."""
+    atom_ptr, lattices = arrays["atom_ptr"], arrays["lattice"]
+    if not rows:
+        return None, {}, {}
+    start, stop = rows[0], rows[-1] + 1
+    found = neighbours.refusals(
+        lattices[start:stop], atom_ptr[start : stop + 1] - atom_ptr[start],
+        arrays["frac"][atom_ptr[start] : atom_ptr[stop]], settings.radius,
+    )
+    refused = {start + c: f"neighbour search failed: {why}" for c, why in found.items()}
+    while True:
+        keep = [row for row in rows if row not in refused]
+        sizes = atom_ptr[np.asarray(keep, dtype=np.int64) + 1] - atom_ptr[np.asarray(keep, dtype=np.int64)]
+        ptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        atoms = np.concatenate([np.arange(atom_ptr[r], atom_ptr[r + 1]) for r in keep]) if keep else np.zeros(0, int)
+        try:
+            lists = _search_lists(
+                lattices[keep], ptr, arrays["frac"][atoms], arrays["numbers"][atoms], settings.radius,
+                settings.max_num_nbr, settings.tie_tolerance,
+            )
+        except NeighbourSearchError as error:  # vesin's own refusal of one crystal: leave it out, search the rest
+            refused[keep[error.crystal]] = error.what
+            continue
+        return lists, {row: int(ptr[k]) for k, row in enumerate(keep)}, refused
 
 
 def rebuild_command(graph_dir: str | Path, plan: dict[str, Any], shards: list[int] | None = None) -> str:
@@ -219,7 +263,9 @@ def rebuild_command(graph_dir: str | Path, plan: dict[str, Any], shards: list[in
 
 
 def write_manifest(plan_path: str | Path, out: str | Path | None = None) -> dict[str, Any]:
-    """Check every shard of the plan against it, then write ``manifest.json`` and ``rejected.csv`` beside it."""
+    """Check every shard of the plan against it (its settings, table and rows, and its content against the hash and
+    the checks of :func:`crystal_transfer.graphs.shards.check_graph_arrays`), then write ``manifest.json`` and
+    ``rejected.csv`` beside it. A shard that was altered after it was built is refused, never re-hashed into it."""
     # long: every check of every shard against the plan, each with its own rebuild message
     plan_path = Path(plan_path)
     plan = read_json(plan_path)
@@ -234,7 +280,13 @@ def write_manifest(plan_path: str | Path, out: str | Path | None = None) -> dict
         if not path.is_file():
             command = rebuild_command(folder, plan, [entry["index"]])
             raise GraphStageError(f"shard {path} is missing; build it with: {command}")
-        header = read_header(path)
+        try:
+            header = read_header(path)
+            arrays = verified_arrays(path, header)
+            check_graph_arrays(arrays, int(plan["settings"]["max_num_nbr"]), f"shard {path}")
+        except ShardFormatError as exc:
+            command = rebuild_command(folder, plan, [entry["index"]])
+            raise GraphStageError(f"{exc}; rebuild it with: {command}") from None
         meta = header["meta"]
         if (
             meta["settings"] != plan["settings"]
@@ -245,7 +297,6 @@ def write_manifest(plan_path: str | Path, out: str | Path | None = None) -> dict
                 f"shard {path} was built with other settings or from another table than {plan_path}; rebuild it "
                 f"with: {rebuild_command(folder, plan, [entry['index']])}"
             )
-        arrays = map_arrays(path, header)
         size = path.stat().st_size
         entries.append(
             {

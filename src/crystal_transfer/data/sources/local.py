@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import tarfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -17,11 +18,13 @@ from crystal_transfer.data.labels import unit_of
 from crystal_transfer.data.sources.base import RawCrystal, Source, SourceError, sha256_of
 from crystal_transfer.data.structures import (
     DUPLICATE_ID,
+    MISSING_ID,
     MISSING_LABELS,
     MISSING_STRUCTURE,
     UNKNOWN_FORMAT,
     UNSAFE_PATH,
     Rejection,
+    _first_line,
 )
 
 _SUFFIX_FORMATS = {".cif": "cif", ".vasp": "poscar", ".poscar": "poscar"}
@@ -59,15 +62,24 @@ def structure_files(path: Path) -> Iterator[tuple[str, bytes | None, str]]:
     if not tarfile.is_tarfile(path):
         raise SourceError(f"{path} is neither a folder nor a .tar/.tar.gz archive")
     checksum = sha256_of(path)
-    with tarfile.open(path, "r:*") as archive:
-        for member in archive:
-            if member.isdir():
-                continue
-            if is_unsafe_member(member.name) or not member.isfile():
-                yield member.name, None, checksum
-                continue
-            handle = archive.extractfile(member)
-            yield member.name, handle.read() if handle else b"", checksum
+    members = 0
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            for member in archive:
+                if member.isdir():
+                    continue
+                if is_unsafe_member(member.name) or not member.isfile():
+                    yield member.name, None, checksum
+                    continue
+                handle = archive.extractfile(member)
+                payload = handle.read() if handle else b""
+                members += 1
+                yield member.name, payload, checksum
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:  # gzip/bz2/lzma damage surfaces as these
+        raise SourceError(
+            f"archive {path} is damaged or truncated after {members} readable members ({_first_line(exc)}); "
+            "download or copy it again"
+        ) from None
 
 
 class LocalSource(Source):
@@ -94,9 +106,24 @@ class LocalSource(Source):
         if not self.labels_path.is_file():
             raise SourceError(f"source '{self.name}': labels CSV not found: {self.labels_path}")
         checksum = sha256_of(self.labels_path)
+        try:
+            return self._parse_labels(checksum)
+        except UnicodeDecodeError as exc:
+            line = self.labels_path.read_bytes()[: exc.start].count(b"\n") + 1
+            raise SourceError(
+                f"source '{self.name}': labels CSV {self.labels_path} is not UTF-8 text (byte {exc.start}, line "
+                f"{line}: {exc.object[exc.start : exc.start + 1]!r}); save it as UTF-8"
+            ) from None
+        except csv.Error as exc:
+            raise SourceError(
+                f"source '{self.name}': labels CSV {self.labels_path} is not a readable CSV: {exc}"
+            ) from None
+
+    def _parse_labels(self, checksum: str) -> tuple[dict[str, dict[str, str]], list[RawCrystal]]:
         rows: dict[str, dict[str, str]] = {}
-        duplicates: list[RawCrystal] = []
-        with open(self.labels_path, newline="") as handle:
+        refused_rows: list[RawCrystal] = []
+        # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first column's name
+        with open(self.labels_path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             header = reader.fieldnames or []
             wanted = [("id_column", self.id_column, None)] + [
@@ -110,10 +137,23 @@ class LocalSource(Source):
                         f"({role}, config key '{key}'); its columns are: {', '.join(header)}"
                     )
             for line, row in enumerate(reader, start=2):
-                crystal_id = row[self.id_column].strip()
+                crystal_id = (row[self.id_column] or "").strip()  # None: a row shorter than the header
                 labels = {label: row[column] for label, column in self.columns.items()}
+                if not crystal_id:
+                    refused_rows.append(
+                        RawCrystal(
+                            id=f"{self.labels_path.name}:line {line}",
+                            fmt="",
+                            text="",
+                            labels=labels,
+                            source_file=f"{self.labels_path.name}:line {line}",
+                            source_sha256=checksum,
+                            rejection=Rejection(MISSING_ID, f"line {line} of the labels CSV has no id"),
+                        )
+                    )
+                    continue
                 if crystal_id in rows:
-                    duplicates.append(
+                    refused_rows.append(
                         RawCrystal(
                             id=crystal_id,
                             fmt="",
@@ -128,7 +168,7 @@ class LocalSource(Source):
                     )
                     continue
                 rows[crystal_id] = labels
-        return rows, duplicates
+        return rows, refused_rows
 
     def _structure_files(self) -> Iterator[tuple[str, bytes | None, str]]:
         try:
@@ -137,8 +177,8 @@ class LocalSource(Source):
             raise SourceError(f"source '{self.name}': {exc}") from None
 
     def crystals(self) -> Iterator[RawCrystal]:
-        rows, duplicates = self._read_labels()
-        yield from duplicates
+        rows, refused_rows = self._read_labels()
+        yield from refused_rows
         container = self.path.name
         seen: set[str] = set()
         for member, payload, checksum in self._structure_files():
