@@ -100,12 +100,27 @@ def _leaves(error: jsonschema.ValidationError) -> list[jsonschema.ValidationErro
     return [leaf for sub in error.context for leaf in _leaves(sub)]
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key written twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path, what: str) -> Any:
     """The YAML document in ``path``; a file that is not YAML (or not UTF-8 text) is a :class:`ConfigError`
     naming the file, line and column."""
     try:
         with open(path, encoding="utf-8") as handle:
-            return yaml.safe_load(handle) or {}
+            return yaml.load(handle, Loader=_UniqueKeyLoader) or {}  # noqa: S506 (a SafeLoader)
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
@@ -152,6 +167,20 @@ def validate_model_spec(name: str, spec: dict[str, Any]) -> dict[str, Any]:
         architecture = schema["properties"]["architecture"]
         validated["architecture"] = _validate_part(spec["architecture"], architecture, schema, "architecture")
     return validated
+
+
+def validate_transfer_spec(spec: Any) -> dict[str, Any]:
+    """Validate the transfer stage's ``--spec``: ``{"train": {...}, "architecture": {...}}`` (both optional, as the
+    config's sections of those names), defaults filled in."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"invalid transfer spec: a mapping of train and architecture, not {type(spec).__name__}")
+    unknown = sorted(set(spec) - {"train", "architecture"})
+    if unknown:
+        allowed = "allowed: architecture, train"
+        raise ConfigError(f"invalid transfer spec: unknown key {', '.join(map(repr, unknown))} ({allowed})")
+    schema = load_schema()
+    parts = ("train", "architecture")
+    return {key: _validate_part(spec.get(key, {}), schema["properties"][key], schema, key) for key in parts}
 
 
 def _validate_part(instance: Any, part: dict[str, Any], schema: dict[str, Any], where: str) -> Any:

@@ -213,7 +213,7 @@ def test_bismuth_is_dropped_and_max_z_is_configurable(tmp_path: Path, mp2018_tex
     (folder / f"{bi_id}.cif").write_text(bi_text)
     labels = write_labels(tmp_path / "labels.csv", [(bi_id, "0.3")])
     spec = {"sources": [local_spec(folder, labels)], "filters": FILTERS}
-    with pytest.raises(DataStageError, match="rejected 1 of 1 records"):
+    with pytest.raises(DataStageError, match="no crystal kept: all 1 records were rejected"):
         build_dataset(
             "bi",
             {"sources": spec["sources"], "filters": {"max_z": 80, "max_rejected_fraction": 0.5}},

@@ -740,3 +740,33 @@ def test_graph_config_defaults_match_the_schema_and_configs():
         graph_config({"isolated_atoms": "ignore"})
     with pytest.raises(ConfigError, match="Additional properties"):
         graph_config({"radius": 8.0, "gaussian_step": 0.2})
+
+
+# Cells (lengths a, b, c in Å of an orthogonal cell; cut-off in Å) on both sides of vesin's cell-grid breakdown.
+VESIN_GRID_CASES = [
+    (1000, 1000, 0.6, 0.5), (600, 600, 2, 0.5), (700, 700, 2, 0.5), (1500, 1500, 5, 0.5), (2000, 2000, 5, 0.5),
+    (1000, 1000, 1, 8), (3000, 3000, 5, 8), (5, 5, 1e300, 0.5),
+]
+_VESIN_CALL = (
+    "import sys, numpy as np, vesin; a, b, c, cut = map(float, sys.argv[1:]); lattice = np.diag([a, b, c]); "
+    "points = np.random.default_rng(0).random((20, 3)) @ lattice; "
+    "vesin.NeighborList(cutoff=cut, full_list=False).compute(points=points, box=lattice, periodic=True, quantities='d')"
+)
+
+
+def test_vesin_grid_predicate_matches_vesin():
+    """The cells whose grid vesin cannot build (it dies of SIGFPE) are exactly those ``vesin_grid_fails`` names, on
+    both sides of the boundary: each case runs vesin in a process of its own."""
+    import subprocess
+    import sys
+
+    from crystal_transfer.graphs.neighbours import plane_spacings, vesin_grid_fails
+
+    outcomes = []
+    for a, b, c, cutoff in VESIN_GRID_CASES:
+        call = subprocess.run([sys.executable, "-c", _VESIN_CALL, str(a), str(b), str(c), str(cutoff)],
+                              capture_output=True)
+        predicted = bool(vesin_grid_fails(plane_spacings(np.diag([a, b, c]).astype(float)), cutoff)[0])
+        outcomes.append((call.returncode != 0, predicted))
+    assert all(crashed == predicted for crashed, predicted in outcomes), list(zip(VESIN_GRID_CASES, outcomes, strict=True))
+    assert {crashed for crashed, _ in outcomes} == {True, False}

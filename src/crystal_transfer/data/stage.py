@@ -142,6 +142,15 @@ def _table(kept: list[Kept], units: dict[str, str], metadata: dict[str, Any]) ->
     return pa.Table.from_arrays(list(columns.values()), schema=schema)
 
 
+def _describe(sources: list[Source]) -> str:
+    """The sources with the files they read, for a message."""
+    parts = []
+    for source in sources:
+        files = [str(source.options[key]) for key in ("path", "labels", "archive") if source.options.get(key)]
+        parts.append(f"source '{source.name}' ({source.type_name}{': ' + ', '.join(files) if files else ''})")
+    return "; ".join(parts)
+
+
 def run(name: str, spec: dict[str, Any], out_dir: str | Path, workers: int = 0, fetch: bool = False, log=print):
     """The ``data`` stage: with ``fetch``, first download what the spec's sources need and is not on disk."""
     if fetch:
@@ -256,9 +265,8 @@ def build_dataset(
         "seconds": None,
     }
     if total == 0:
-        per_source = ", ".join(f"'{source.name}' ({source.type_name})" for source in sources)
         raise DataStageError(
-            f"dataset '{name}': its sources yielded no records at all ({per_source}); check their paths, "
+            f"dataset '{name}': its sources yielded no records at all ({_describe(sources)}); check their paths, "
             "archives and label files"
         )
     fraction = len(rejected) / total
@@ -270,10 +278,14 @@ def build_dataset(
         for source_name, report in reports.items():
             write_json(out_dir / f"failed-{source_name}.report.json", report)
         reasons = ", ".join(f"{reason} {count}" for reason, count in by_reason.most_common())
+        what = (
+            f"no crystal kept: all {total} records were rejected ({_describe(sources)})" if not kept else
+            f"rejected {len(rejected)} of {total} records ({fraction:.1%}), more than max_rejected_fraction="
+            f"{limit:g} allows"
+        )
         raise DataStageError(
-            f"dataset '{name}': rejected {len(rejected)} of {total} records ({fraction:.1%}), more than "
-            f"max_rejected_fraction={limit:g} allows; reasons: {reasons or 'none'}. Every rejection with its "
-            f"message is in {failed}. Fix the input or raise filters.max_rejected_fraction."
+            f"dataset '{name}': {what}; reasons: {reasons or 'none'}. Every rejection with its message is in "
+            f"{failed}. Fix the input" + (" or raise filters.max_rejected_fraction." if kept else ".")
         )
 
     metadata = {

@@ -203,9 +203,14 @@ def closest_pair(lattice: np.ndarray, frac: np.ndarray, cutoff: float) -> tuple[
         return None
     import vesin
 
-    heights = 1.0 / np.linalg.norm(np.linalg.inv(lattice), axis=1)
-    if (cutoff / heights).max() > 1e3:  # vesin would search millions of images of this sliver of a cell
-        raise Rejection(UNPARSABLE, f"degenerate lattice: lattice planes {heights.min():.3g} Å apart")
+    from crystal_transfer.graphs.neighbours import plane_spacings, vesin_grid_fails
+
+    heights = plane_spacings(lattice)
+    if (cutoff / heights).max() > 1e3 or vesin_grid_fails(heights, cutoff)[0]:  # a sliver, or vesin's grid breaks
+        raise Rejection(
+            UNPARSABLE,
+            f"degenerate lattice: lattice planes {heights.min():.3g} to {heights.max():.3g} Å apart",
+        )
     cart = np.ascontiguousarray(frac @ lattice)
     i, j, d = vesin.NeighborList(cutoff=float(cutoff), full_list=False).compute(
         points=cart, box=lattice, periodic=True, quantities="ijd"

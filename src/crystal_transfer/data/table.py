@@ -22,10 +22,6 @@ SUMMARY_FILE = "summary.json"
 REJECTED_COLUMNS = ["id", "source", "source_file", "reason", "message"]
 
 
-STRUCTURE_COLUMNS = ("id", "source", "formula", "num_sites", "lattice", "numbers", "frac_coords")
-PROVENANCE_COLUMNS = ("source_file", "source_sha256")
-
-
 def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     """Read a canonical crystal table (optionally only some columns); a column it lacks is named with the
     labels it has."""
@@ -33,10 +29,9 @@ def read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
         names = pq.read_schema(path).names
         missing = [column for column in columns if column not in names]
         if missing:
-            labels = [name for name in names if name not in STRUCTURE_COLUMNS + PROVENANCE_COLUMNS]
             raise MissingError(
                 f"{path} has no column {', '.join(repr(m) for m in missing)}; its labels are: "
-                f"{', '.join(labels) or 'none'}"
+                f"{', '.join(label_names(pq.read_schema(path))) or 'none'}"
             )
     return pq.read_table(path, columns=columns)
 
@@ -54,6 +49,15 @@ def table_units(path: str | Path) -> dict[str, str]:
     return json.loads(meta.get(b"crystal_transfer", b"{}")).get("units", {})
 
 
+def label_names(schema: pa.Schema) -> list[str]:
+    """The label columns of a canonical table: the numeric columns that carry a unit."""
+    return [field.name for field in schema if field.metadata and b"unit" in field.metadata]
+
+
 def label_values(table: pa.Table, label: str) -> np.ndarray:
-    """A label column as float64 with NaN where a crystal has no value."""
+    """A label column as float64 with NaN where a crystal has no value; a column that is not a label is named."""
+    field = table.schema.field(label) if label in table.column_names else None
+    if field is None or not pa.types.is_floating(field.type):
+        what = "not a column" if field is None else f"a column of {field.type}, not a label"
+        raise MissingError(f"'{label}' is {what}; the table's labels are: {', '.join(label_names(table.schema))}")
     return table.column(label).to_numpy(zero_copy_only=False).astype(np.float64)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from crystal_transfer.config import validate_transfer_spec
 from crystal_transfer.errors import InputError
 from crystal_transfer.experiments.fit import run_training
 from crystal_transfer.models.cgcnn import CGCNN
@@ -93,6 +94,7 @@ def run(
     from crystal_transfer.models.saved import TRANSFER_KEYS, check_graph_settings, load_model
     from crystal_transfer.training.trainer import TrainSettings
 
+    spec = validate_transfer_spec(spec)
     parts = read_split(split)
     if train_size:
         parts = {**parts, "train": parts["train"][:train_size]}

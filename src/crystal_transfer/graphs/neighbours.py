@@ -36,6 +36,7 @@ NUMERICAL_TOL = 1e-8  # pymatgen's default: its cut-off test d² < r² + tol (Å
 PYMATGEN_MIN_R = 1.0  # Å: below this pymatgen keeps d <= r exactly
 PARTITION_MARGIN = 1e-3  # Å: candidates kept beyond the k-th distance before the exact tie-aware sort
 PROBE_FACTOR = 1.8  # first search radius in units of the cube root of the volume per atom (for 12 neighbours)
+VESIN_MAX_CELLS = 1e5  # vesin 0.6's cap on its cell grid (MAX_NUMBER_OF_CELLS in cpu_cell_list.cpp)
 MAX_PAIRS = 2e7  # estimated candidate pairs of one crystal above which it is refused (vesin: 36 bytes a pair)
 MAX_IMAGES = 1e8  # periodic images of the cell within the search box above which it is refused
 CHUNK_ATOMS = 4096  # atoms per selection pass of neighbour_lists
@@ -48,6 +49,40 @@ class NeighbourSearchError(ValueError):
         self.crystal = crystal
         self.what = f"neighbour search failed: {what}"
         super().__init__(f"crystal {crystal} of the batch: {self.what}")
+
+
+def plane_spacings(lattices: np.ndarray) -> np.ndarray:
+    """Distances between the lattice planes of each cell, (N, 3) for (N, 3, 3) lattices (rows a, b, c); zero for a
+    singular or non-finite lattice."""
+    lattices = np.asarray(lattices, dtype=np.float64).reshape(-1, 3, 3)
+    regular = np.isfinite(lattices).all(axis=(1, 2))
+    safe = np.where(regular[:, None, None], lattices, np.eye(3))
+    regular &= np.abs(np.linalg.det(safe)) > 0
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        inverse = np.linalg.inv(np.where(regular[:, None, None], safe, np.eye(3)))
+        spacings = 1.0 / np.linalg.norm(inverse, axis=1)  # column j of the inverse: the reciprocal vector j
+    return np.where(regular[:, None], spacings, 0.0)
+
+
+def vesin_grid_fails(spacings: np.ndarray, cutoffs: np.ndarray | float) -> np.ndarray:
+    """Whether vesin's cell grid breaks down for cells with these plane ``spacings`` (N, 3) and ``cutoffs``.
+
+    vesin 0.6 sizes its grid as ``max(trunc(spacing / cutoff), 1)`` cells a direction; above ``VESIN_MAX_CELLS``
+    cells it shrinks the grid keeping the ratios and truncating. For a long, flat cell a direction then truncates
+    to 0 cells (an integer division by zero: SIGFPE kills the process) or the counts overflow. This repeats that
+    arithmetic so such a cell is refused before vesin sees it; tests check it against vesin on both sides.
+    """
+    spacings = np.asarray(spacings, dtype=np.float64).reshape(-1, 3)
+    cutoffs = np.broadcast_to(np.asarray(cutoffs, dtype=np.float64), (len(spacings),))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        n = np.clip(np.trunc(spacings / cutoffs[:, None]), 1.0, np.inf)
+        total = n.prod(axis=1)
+        x_y, y_z = n[:, 0] / n[:, 1], n[:, 1] / n[:, 2]
+        z = np.trunc(np.cbrt(VESIN_MAX_CELLS / (x_y * y_z * y_z)))
+        y = np.trunc(y_z * z)
+        shrunk = np.stack([np.trunc(x_y * y), y, z], axis=1)
+        grid = np.where((total > VESIN_MAX_CELLS)[:, None], shrunk, n)
+        return ~(np.isfinite(grid).all(axis=1) & (grid >= 1).all(axis=1) & (grid.prod(axis=1) <= 2 * VESIN_MAX_CELLS))
 
 
 def refusals(lattices: np.ndarray, atom_ptr: np.ndarray, frac: np.ndarray, radii: np.ndarray) -> dict[int, str]:
@@ -64,15 +99,15 @@ def refusals(lattices: np.ndarray, atom_ptr: np.ndarray, frac: np.ndarray, radii
     safe = np.where(finite_lattice[:, None, None], lattices, np.eye(3))
     volumes = np.abs(np.linalg.det(safe))
     regular = finite_lattice & (volumes > 0)
+    heights = plane_spacings(lattices)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        inverse = np.linalg.inv(np.where(regular[:, None, None], safe, np.eye(3)))
-        heights = 1.0 / np.linalg.norm(inverse, axis=1)  # distances between lattice planes
         cutoffs = np.where(radii < PYMATGEN_MIN_R, radii, np.sqrt(radii * radii + NUMERICAL_TOL)) * (1.0 + 1e-9)
         images = np.prod(2.0 * np.ceil(cutoffs[:, None] / heights) + 1.0, axis=1)
         pairs = sizes * sizes * (4.0 / 3.0 * np.pi * cutoffs**3) / volumes
     thin = ~((images <= MAX_IMAGES) & (pairs <= MAX_PAIRS))
+    grid = vesin_grid_fails(heights, cutoffs)
     reasons: dict[int, str] = {}
-    for c in np.flatnonzero(~(finite_lattice & finite_frac & good_radius & regular) | thin):
+    for c in np.flatnonzero(~(finite_lattice & finite_frac & good_radius & regular) | thin | grid):
         c = int(c)
         if not finite_lattice[c]:
             reasons[c] = "non-finite lattice"
@@ -82,6 +117,11 @@ def refusals(lattices: np.ndarray, atom_ptr: np.ndarray, frac: np.ndarray, radii
             reasons[c] = f"the radius must be a positive number, not {radii[c]}"
         elif not regular[c]:
             reasons[c] = "singular lattice (zero volume)"
+        elif not thin[c]:
+            reasons[c] = (
+                f"a cell too long and flat for vesin's cell grid (lattice planes {heights[c].min():.3g} to "
+                f"{heights[c].max():.3g} Å apart, radius {radii[c]:g} Å)"
+            )
         else:
             reasons[c] = (
                 f"a cell far thinner than the radius ({images[c]:.3g} periodic images to search within {radii[c]:g} Å, "
@@ -271,6 +311,7 @@ def neighbour_lists(
     with np.errstate(divide="ignore", invalid="ignore"):
         first_radius = PROBE_FACTOR * np.cbrt(volumes / sizes * (max_num_nbr / 12)) if probe else radii
     probed = first_radius < 0.9 * radii  # no first pass when it would search nearly the whole radius
+    probed &= ~vesin_grid_fails(plane_spacings(lattices), np.where(probed, first_radius, radii))
 
     def search(c: int, full: bool) -> tuple[np.ndarray, ...]:
         a0, a1 = atom_ptr[c], atom_ptr[c + 1]

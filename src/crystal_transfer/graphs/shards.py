@@ -88,6 +88,11 @@ def read_header(path: str | Path) -> dict[str, Any]:
         if len(start) < 16 or start[:8] != MAGIC:
             raise ShardFormatError(f"{path} is not a graph shard (no {MAGIC!r} magic)")
         (length,) = struct.unpack("<Q", start[8:])
+        size = os.fstat(handle.fileno()).st_size
+        if length > size - 16:
+            raise ShardFormatError(
+                f"{path} is truncated or damaged (header of {length} bytes announced, a file of {size})"
+            )
         raw = handle.read(length)
     if len(raw) != length:
         raise ShardFormatError(f"{path} is truncated (header of {length} bytes announced, {len(raw)} present)")
@@ -95,11 +100,15 @@ def read_header(path: str | Path) -> dict[str, Any]:
         header = json.loads(raw)
     except ValueError as exc:
         raise ShardFormatError(f"{path} has an unreadable header: {exc}") from None
+    if not isinstance(header, dict):
+        raise ShardFormatError(f"{path} has an unreadable header (not a JSON object)")
     if header.get("format") != FORMAT or header.get("version") != VERSION:
         raise ShardFormatError(
             f"{path} is a '{header.get('format')}' file version {header.get('version')}, "
             f"expected '{FORMAT}' version {VERSION}"
         )
+    if not (isinstance(header.get("meta"), dict) and isinstance(header.get("arrays"), dict)):
+        raise ShardFormatError(f"{path} has a damaged header (no 'meta' or 'arrays' table)")
     return header
 
 
@@ -112,13 +121,19 @@ def map_arrays(path: str | Path, header: dict[str, Any] | None = None) -> dict[s
         mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
     arrays: dict[str, np.ndarray] = {}
     for name, spec in header["arrays"].items():
-        dtype = np.dtype(spec["dtype"])
-        shape = tuple(spec["shape"])
-        count = int(np.prod(shape, dtype=np.int64))
-        end = spec["offset"] + count * dtype.itemsize
+        try:
+            dtype = np.dtype(spec["dtype"])
+            shape = tuple(int(n) for n in spec["shape"])
+            offset = int(spec["offset"])
+            count = int(np.prod(shape, dtype=np.int64))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ShardFormatError(f"{path} has a damaged header entry for array '{name}': {exc}") from None
+        end = offset + count * dtype.itemsize
+        if min(shape, default=0) < 0 or offset < 0 or dtype.hasobject:
+            raise ShardFormatError(f"{path} has a damaged header entry for array '{name}'")
         if end > size:
             raise ShardFormatError(f"{path} is truncated: array '{name}' ends at byte {end}, the file has {size}")
-        arrays[name] = np.frombuffer(mapped, dtype=dtype, count=count, offset=spec["offset"]).reshape(shape)
+        arrays[name] = np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
     return arrays
 
 

@@ -50,6 +50,8 @@ GRAPH_KEYS = ("radius", "max_num_nbr", "cgcnn_padding")
 # transferred model is trained again on the new graphs.
 TRANSFER_KEYS = ("radius", "max_num_nbr")
 GAUSSIAN_KEYS = ("gaussian_min", "gaussian_step", "gaussian_width")
+CARD_KEYS = ("architecture", "graph_settings", "normalizers", "training", "data_fingerprint", "provenance",
+             "weights_sha256")
 
 
 class GraphSettingsMismatch(UserError, ValueError):
@@ -204,22 +206,40 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
     card_path = folder / CARD_FILE
     if not card_path.is_file():
         raise FileNotFoundError(f"{card_path} is missing: not a saved model, or an unfinished save")
-    card = json.loads(card_path.read_text())
-    if card.get("format") != FORMAT or card.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"{card_path}: unknown format {card.get('format')!r} v{card.get('format_version')!r}")
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{card_path} is not a readable model card ({type(exc).__name__}: {exc})") from None
+    if not isinstance(card, dict) or card.get("format") != FORMAT or card.get("format_version") != FORMAT_VERSION:
+        found = (card.get("format"), card.get("format_version")) if isinstance(card, dict) else (None, None)
+        raise InputError(f"{card_path}: unknown format {found[0]!r} v{found[1]!r}")
+    missing = [key for key in CARD_KEYS if key not in card]
+    if missing:
+        raise InputError(f"{card_path} is damaged: it lacks {', '.join(missing)}")
     weights_path = folder / WEIGHTS_FILE
-    if sha256_file(weights_path) != card["weights_sha256"]:
-        raise InputError(f"{weights_path} does not match the sha256 in {card_path} (unfinished or altered save)")
-    class_name = card["architecture"]["class"]
+    if not weights_path.is_file() or sha256_file(weights_path) != card["weights_sha256"]:
+        raise InputError(f"{weights_path} is missing or does not match the sha256 in {card_path} (unfinished or "
+                         "altered save)")
+    architecture = card["architecture"]
+    class_name = architecture.get("class") if isinstance(architecture, dict) else None
     if class_name not in MODEL_CLASSES:
         raise InputError(f"{card_path}: unknown model class {class_name!r}")
-    model = MODEL_CLASSES[class_name](**card["architecture"]["init_args"])
-    model.load_state_dict(load_tensors(weights_path, f"weights {weights_path}", map_location=map_location))
+    try:
+        model = MODEL_CLASSES[class_name](**architecture["init_args"])
+        model.load_state_dict(load_tensors(weights_path, f"weights {weights_path}", map_location=map_location))
+        normalizers = {name: Normalizer.from_dict(data) for name, data in card["normalizers"].items()}
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        if isinstance(exc, UserError):
+            raise
+        first = " ".join(str(exc).split())[:200]
+        raise InputError(
+            f"{card_path} does not describe the weights beside it ({type(exc).__name__}: {first})"
+        ) from None
     model.to(map_location).eval()
     return SavedModel(
         model=model,
         graph_settings=card["graph_settings"],
-        normalizers={name: Normalizer.from_dict(data) for name, data in card["normalizers"].items()},
+        normalizers=normalizers,
         training=card["training"],
         data_fingerprint=card["data_fingerprint"],
         provenance=card["provenance"],
