@@ -6,7 +6,7 @@ import re
 
 from snakemake.utils import min_version, validate
 
-from crystal_transfer.config import SCHEMA_PATH
+from crystal_transfer.config import SCHEMA_PATH, read_yaml
 
 min_version("9.0")
 
@@ -17,6 +17,10 @@ if not workflow.overwrite_configfiles:
 
     configfile: "config.yaml"
 
+
+# Snakemake keeps the last of a key written twice; our reader refuses it, naming the file and line
+for _config_file in workflow.overwrite_configfiles or ["config.yaml"]:
+    read_yaml(_config_file, "config file")
 
 # the schema that ships inside the package: the workflow and `python -m crystal_transfer` validate alike
 validate(config, str(SCHEMA_PATH))

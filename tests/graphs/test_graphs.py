@@ -768,5 +768,7 @@ def test_vesin_grid_predicate_matches_vesin():
                               capture_output=True)
         predicted = bool(vesin_grid_fails(plane_spacings(np.diag([a, b, c]).astype(float)), cutoff)[0])
         outcomes.append((call.returncode != 0, predicted))
-    assert all(crashed == predicted for crashed, predicted in outcomes), list(zip(VESIN_GRID_CASES, outcomes, strict=True))
+    pairs = zip(VESIN_GRID_CASES, outcomes, strict=True)
+    mismatches = [case for case, (crashed, predicted) in pairs if crashed != predicted]
+    assert not mismatches, mismatches
     assert {crashed for crashed, _ in outcomes} == {True, False}

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, subprocess_env
+from conftest import REPO, shared, subprocess_env
 
 TRAIN = {"epochs": 4, "batch_size": 32, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "device": "cpu"}
 ARCH = {"atom_fea_len": 32, "n_conv": 3, "h_fea_len": 16, "n_h": 1}
@@ -79,6 +79,62 @@ def test_killed_run_resumes_to_the_same_final_metrics(matminer_graphs: dict[str,
     # same to float rounding (CPU kernels may sum in another order across processes)
     assert second["test_mae"] == pytest.approx(first["test_mae"], rel=1e-6)
     assert first["best_epoch"] == second["best_epoch"]
+
+
+def test_identical_runs_write_identical_files_and_a_damaged_checkpoint_is_set_aside(
+    matminer_graphs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Issue #16, classes 5 and 7: two identical runs write byte-identical weights and best.pt (no temporary name
+    inside the archive); a truncated last.pt is moved aside with a message and its job starts afresh to the same
+    result, instead of failing on every rerun."""
+    scratch = ["--name", "scratch", "--mode", "scratch", "--seed", "5"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    run(transfer_command(matminer_graphs, first, *scratch, epochs=2))
+    run(transfer_command(matminer_graphs, second, *scratch, epochs=2))
+    for name in ("model/weights.pt", "best.pt"):  # (last.pt holds each epoch's wall time)
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    checkpoint = second / "last.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    result = subprocess.run(transfer_command(matminer_graphs, second, *scratch, epochs=2), capture_output=True,
+                            text=True, cwd=REPO, env=subprocess_env())
+    assert result.returncode == 0, result.stderr
+    assert "is truncated or damaged" in result.stdout + result.stderr and "starting this run afresh" in result.stdout
+    assert (second / "last.pt.damaged-1").is_file()
+    assert (first / "model/weights.pt").read_bytes() == (second / "model/weights.pt").read_bytes()
+    pd.testing.assert_frame_equal(pd.read_csv(first / "metrics.csv").drop(columns=["seconds"]),
+                                  pd.read_csv(second / "metrics.csv").drop(columns=["seconds"]))
+
+
+def test_a_target_that_cannot_be_standardised_is_named() -> None:
+    """Issue #16, class 5: the normaliser's refusal names the target (real band gaps of four metals: all 0 eV)."""
+    from crystal_transfer.errors import InputError
+    from crystal_transfer.experiments.fit import fit_normalizers
+
+    labels = pd.read_csv(shared("mp2018", "labels.csv")).set_index("material_id")
+    metals = labels.loc[["mp-1", "mp-2", "mp-8", "mp-11"], ["formation_energy_per_atom", "band_gap"]].to_numpy()
+    assert (metals[:, 1] == 0).all()
+    with pytest.raises(InputError, match=r"target 'band_gap': cannot standardise its labels over the 4 labelled"):
+        fit_normalizers(metals, ["formation_energy_per_atom", "band_gap"], {"band_gap": "eV"})
+
+
+def test_model_gaussians_follow_the_graphs_radius(matminer_graphs: dict[str, Path], tmp_path: Path) -> None:
+    """Issue #16, class 4: a model trained on graphs of radius 6 Å gets Gaussians that end at 6 Å (no config key
+    sets the model's radius), so training on such graphs succeeds and the card records radius 6."""
+    from crystal_transfer.graphs.settings import GraphSettings
+    from crystal_transfer.graphs.stage import build_graphs
+
+    graphs = tmp_path / "graphs6"
+    build_graphs(matminer_graphs["table"], graphs, GraphSettings(radius=6.0), 2048, dataset="matminer", workers=2,
+                 log=lambda _: None)
+    spec = {"kind": "train", "dataset": "matminer", "targets": ["formation_energy_per_atom"], "subsample": 200,
+            "train": {**TRAIN, "epochs": 1}, "architecture": ARCH}
+    run([sys.executable, "-m", "crystal_transfer", "pretrain", "--name", "fe6", "--spec", json.dumps(spec),
+         "--table", str(matminer_graphs["table"]), "--graphs", str(graphs), "--out", str(tmp_path / "pretrained")])
+    paths = {**matminer_graphs, "graphs": graphs}
+    run(transfer_command(paths, tmp_path / "scratch", "--name", "scratch", "--mode", "scratch", epochs=1))
+    for run_dir in ("pretrained", "scratch"):
+        card = json.loads((tmp_path / run_dir / "model" / "model.json").read_text())
+        assert card["graph_settings"]["radius"] == 6.0 and card["architecture"]["init_args"]["radius"] == 6.0
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +252,20 @@ def test_predict_on_cif_folder_tarball_and_table(matminer_graphs, source_model, 
     for crystal_id in ids:
         (folder / f"{crystal_id}.cif").write_text(mp2018_texts[crystal_id])
     (folder / "broken.cif").write_text("not a crystal")
+    # issue #16: a dummy species, atoms on top of each other and a cell far thinner than 8 Å, from a real crystal
+    from pymatgen.core import Lattice
+    from pymatgen.io.vasp import Poscar
+
+    real = Structure.from_str(mp2018_texts[ids[3]], fmt="cif")
+    lines = Poscar(real).get_str().splitlines()
+    lines[5] = lines[5].replace(real[0].specie.symbol, "Xx", 1)
+    (folder / "dummy.vasp").write_text("\n".join(lines) + "\n")
+    on_top = real.copy()
+    on_top.append(real[0].specie, real[0].frac_coords)
+    (folder / "on_top.vasp").write_text(Poscar(on_top).get_str())
+    thin = Structure(Lattice([[100, 0, 0], [0, 100, 0], [50.3, 50.7, 0.01]]), real.species[:1], real.frac_coords[:1])
+    (folder / "thin.vasp").write_text(Poscar(thin).get_str())
+    broken_ids = ["broken", "dummy", "on_top", "thin"]
     with tarfile.open(tmp_path / "cifs.tar.gz", "w:gz") as archive:
         archive.add(folder, arcname="structures")
     outputs = {}
@@ -206,15 +276,19 @@ def test_predict_on_cif_folder_tarball_and_table(matminer_graphs, source_model, 
         outputs[name] = pd.read_csv(out, keep_default_na=False)
     folder_out = outputs["folder"].set_index("id")
     assert list(outputs["folder"].columns) == ["id", "formation_energy_per_atom (eV/atom)", "error"]
-    assert list(outputs["folder"]["id"]) == sorted(["broken", *ids], key=lambda i: f"{i}.cif")  # the input's order
+    files = sorted(p.name for p in folder.iterdir())
+    assert list(outputs["folder"]["id"]) == [Path(name).stem for name in files]  # the input's order
     assert folder_out.loc["broken", "error"].startswith("unparsable: unparsable cif")
+    assert folder_out.loc["dummy", "error"].startswith("unknown_element: site 0 holds 'Xx")
+    assert folder_out.loc["on_top", "error"].startswith("overlapping_atoms: atoms 0 (")
+    assert folder_out.loc["thin", "error"].startswith("unsearchable_cell: neighbour search failed: a cell far thinner")
     # the published model's data went through max_z=80: heavier crystals get the data stage's reason, not a value
     heavy = {i for i in ids if max(Structure.from_str(mp2018_texts[i], fmt="cif").atomic_numbers) > 80}
     assert heavy and all(folder_out.loc[i, "error"].startswith("element_above_max_z: contains") for i in heavy)
-    good = folder_out.drop(index=["broken", *heavy])
+    good = folder_out.drop(index=[*broken_ids, *heavy])
     assert len(good) == 20 - len(heavy) and (good["error"] == "").all()
     assert np.isfinite(good.iloc[:, 0].astype(float)).all()
-    tar_out = outputs["tar"].set_index("id").drop(index=["broken", *heavy])
+    tar_out = outputs["tar"].set_index("id").drop(index=[*broken_ids, *heavy])
     pd.testing.assert_frame_equal(good.sort_index(), tar_out.sort_index())
     table_out = outputs["table"].set_index("id")
     assert len(table_out) == 5158
