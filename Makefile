@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	  echo "no NVIDIA driver: installing the CPU build $(TORCH_CPU)"; \
 	  $(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_CPU)"; \
 	fi
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,universal]"
 	@# the CGCNN edge kernels, compiled once per machine (without a C compiler the PyTorch path runs instead)
 	$(BIN)/python -c "from crystal_transfer.kernels import native as n; n.kernels(); print(n.describe())"
 	touch $@
@@ -47,3 +47,4 @@ bench: setup
 	$(BIN)/python benchmarks/graphs.py
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/transfer.py
+	$(BIN)/python benchmarks/features.py

@@ -7,6 +7,7 @@ import re
 from snakemake.utils import min_version, validate
 
 from crystal_transfer.config import SCHEMA_PATH, read_yaml
+from crystal_transfer.experiments import curves as curve_check
 
 min_version("9.0")
 
@@ -24,6 +25,8 @@ for _config_file in workflow.overwrite_configfiles or ["config.yaml"]:
 
 # the schema that ships inside the package: the workflow and `python -m crystal_transfer` validate alike
 validate(config, str(SCHEMA_PATH))
+# what the schema cannot check: references between sections, and the packages of the universal potentials
+curve_check.check_config(config)
 
 RESULTS = config["results_dir"]
 

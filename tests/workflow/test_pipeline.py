@@ -73,8 +73,41 @@ def test_figures_and_summary_exist(tiny_run: Path) -> None:
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     summary = json.loads((tiny_run / "report" / "summary.json").read_text())
     assert summary["figure6_parameters"]["attention"] < summary["figure6_parameters"]["gated"]
-    modes = {row["mode"] for row in summary["learning_curves"]}
+    modes = {row["mode"] for row in summary["learning_curves"]["runs"]}
     assert modes == {"atomsets", "finetune", "scratch"}
+
+
+def test_learning_curves_compare_every_source_on_one_test_set(tiny_run: Path) -> None:
+    """The curves table has a row per planned curve (CGCNN, CHGNet and SevenNet features, fine-tuning, scratch),
+    each cell the mean over seeds of MAEs recomputed from the runs' predictions on the test crystals that every
+    run predicted, and names the best curve per size with its paired test."""
+    from crystal_transfer.experiments.curves import curve_plan
+
+    config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    plan = curve_plan(config)
+    curves = config["learning_curves"]
+    table = pd.read_csv(tiny_run / "report" / "learning_curves.csv")
+    assert list(table["curve"]) == [curve.key for curve in plan]
+    base = tiny_run / "curves" / config["transfer"]["split"]
+    predictions = {
+        (curve.key, size, seed): pd.read_csv(base / curve.key / f"n{size}" / f"seed{seed}" / "predictions.csv")
+        for curve in plan for size in curves["train_sizes"] for seed in curves["seeds"]
+    }
+    shared = sorted(set.intersection(*(set(frame["id"]) for frame in predictions.values())))
+    summary = json.loads((tiny_run / "report" / "summary.json").read_text())["learning_curves"]
+    assert summary["test_set"]["n_test"] == len(shared)
+    for row, curve in zip(table.itertuples(), plan, strict=True):
+        for size in curves["train_sizes"]:
+            maes = []
+            for seed in curves["seeds"]:
+                frame = predictions[(curve.key, size, seed)].set_index("id").loc[shared]
+                maes.append((frame["prediction"] - frame["target"]).abs().mean())
+            assert getattr(row, f"mae_{size}") == pytest.approx(np.mean(maes), abs=1e-9)
+    best = {entry["train_size"]: entry for entry in summary["best_per_size"]}
+    for size in curves["train_sizes"]:
+        assert table.loc[table[f"mae_{size}"].idxmin(), "curve"] == best[size]["best"]
+    markdown = (tiny_run / "report" / "learning_curves.md").read_text()
+    assert "Best curve at each training size" in markdown and "AtomSets on SevenNet-0 (11Jul2024)" in markdown
 
 
 def test_rerun_has_nothing_to_do(tiny_run: Path) -> None:

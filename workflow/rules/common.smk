@@ -2,6 +2,7 @@
 
 
 from crystal_transfer.data import spec as data_spec
+from crystal_transfer.experiments import curves as curve_spec
 from crystal_transfer.report.study import source_label
 
 
@@ -35,8 +36,10 @@ def graph_shards(wildcards):
 
 
 def model_names(kind):
-    """A wildcard pattern matching the pretrained models of a kind ('published', 'train' or 'any')."""
-    names = [n for n, m in config["pretrain"].items() if kind == "any" or m["kind"] == kind]
+    """A wildcard pattern matching the pretrained models of a kind ('published', 'train', 'cgcnn' (either of
+    those) or 'any', the universal potentials included)."""
+    kinds = curve_spec.CGCNN_KINDS if kind == "cgcnn" else {kind}
+    names = [n for n, m in config["pretrain"].items() if kind == "any" or m["kind"] in kinds]
     return "|".join(re.escape(n) for n in names) or "(?!)"
 
 
@@ -97,7 +100,7 @@ def transfer_results():
     return runs + [f"{base}/scratch/depth0/seed{seed}/test.json" for seed in t["seeds"]]
 
 
-def report_spec(results, curves=()):
+def report_spec(results):
     """What the report stage reads: the result files, the sources with their labels and study roles."""
     sources = []
     for name in config["transfer"]["sources"]:
@@ -112,8 +115,7 @@ def report_spec(results, curves=()):
         "target_unit": "eV",
         "table3": None,
         "figure6": None,
-        "curves": list(curves),
-        "curve_labels": curve_labels(sources),
+        "curves": curves_of_report(),
         "target_label": config["transfer"]["target"].replace("_", " "),
     }
     table3 = config["report"].get("table3")
@@ -124,22 +126,6 @@ def report_spec(results, curves=()):
     if figure6:
         spec["figure6"] = {key: f"{RESULTS}/models/{name}" for key, name in figure6.items()}
     return spec
-
-
-def curve_labels(sources):
-    """Legend text of each learning-curve mode: what was trained on what."""
-    curves = config.get("learning_curves")
-    if not curves:
-        return {}
-    name = curves["source"]
-    label = source_label(name, config["pretrain"][name])
-    level = curves["atomsets"]["level"]
-    where = "element embedding" if level == 0 else f"after {level} conv layer{'s' if level > 1 else ''}"
-    return {
-        "atomsets": f"AtomSets: set model on frozen {label} features ({where})",
-        "finetune": f"fine-tuned {label} model (all layers)",
-        "scratch": "CGCNN from scratch",
-    }
 
 
 def figure6_inputs():
@@ -161,25 +147,46 @@ def report_figure6_outputs():
 
 
 def atomsets_spec():
-    """Set-model settings of the AtomSets curve (the level is the cache's, not a training setting)."""
-    return {k: v for k, v in config["learning_curves"]["atomsets"].items() if k != "level"}
+    """Set-model settings of the AtomSets curves (the level is the cache's, not a training setting)."""
+    return {k: v for k, v in config["learning_curves"].get("atomsets", {}).items() if k != "level"}
+
+
+def universal_levels():
+    """Universal potential -> the feature levels the learning curves read of it."""
+    return curve_spec.universal_levels(config)
+
+
+def finetune_name():
+    return curve_spec.finetune_source(config)
+
+
+def curve_points(curve):
+    curves = config["learning_curves"]
+    split = config["transfer"]["split"]
+    return [
+        f"{RESULTS}/curves/{split}/{curve.key}/n{size}/seed{seed}/test.json"
+        for size in curves["train_sizes"]
+        for seed in curves["seeds"]
+    ]
 
 
 def curve_results():
     """test.json of every learning-curve point named by the config (none without a learning_curves section)."""
-    curves = config.get("learning_curves")
-    if not curves:
-        return []
-    split = config["transfer"]["split"]
+    return [path for curve in curve_spec.curve_plan(config) for path in curve_points(curve)]
+
+
+def curves_of_report():
+    """The report's view of the curves: key, mode, legend label and result files of each."""
     return [
-        f"{RESULTS}/curves/{split}/{mode}/n{size}/seed{seed}/test.json"
-        for mode in curves["modes"]
-        for size in curves["train_sizes"]
-        for seed in curves["seeds"]
+        {"key": c.key, "mode": c.mode, "source": c.source, "level": c.level, "label": c.label,
+         "results": curve_points(c)}
+        for c in curve_spec.curve_plan(config)
     ]
 
 
 def report_curves_outputs():
     if not config.get("learning_curves"):
         return []
-    return report(f"{RESULTS}/report/learning_curves.png", caption="../report/curves.rst", category="Figures")
+    figure = report(f"{RESULTS}/report/learning_curves.png", caption="../report/curves.rst", category="Figures")
+    table = report(f"{RESULTS}/report/learning_curves.csv", caption="../report/curves_table.rst", category="Tables")
+    return [figure, table, f"{RESULTS}/report/learning_curves.md"]

@@ -1,58 +1,95 @@
-# Learning curves over training sizes on the transfer split's test set (results/curves/<split>/<mode>/n<N>/
-# seed<s>/): AtomSets on the source's cached features, fine-tuning the source, and training from scratch.
+# Learning curves over training sizes on the transfer split's test set (results/curves/<split>/<curve>/n<N>/
+# seed<s>/, curves from crystal_transfer.experiments.curves): AtomSets on each source's cached features
+# (atomsets-<source>-level<L>), fine-tuning a CGCNN model (finetune-<source>) and training from scratch.
+# A universal potential's features (CHGNet, SevenNet) come from one job per potential that writes every level
+# the curves read, beside the CGCNN trunks' caches.
+
+
+for _name, _levels in universal_levels().items():
+
+    rule:
+        name:
+            f"universal_features_{_name}"
+        input:
+            table=transfer_table,
+            split=transfer_split_csv,
+        output:
+            [f"{RESULTS}/transfer/{{split}}/cache/{_name}-depth{level}.pt" for level in _levels],
+            rejected=f"{RESULTS}/transfer/{{split}}/cache/{_name}-rejected.csv",
+        log:
+            f"{RESULTS}/logs/universal_features-{{split}}-{_name}.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/universal_features-{{split}}-{_name}.tsv"
+        params:
+            name=_name,
+            spec=json.dumps(config["pretrain"][_name], sort_keys=True),
+            levels=" ".join(str(level) for level in _levels),
+            out_dir=lambda wc, output: os.path.dirname(output.rejected),
+        threads: 2
+        resources:
+            gpu=1,
+        conda:
+            "../../envs/pipeline.yaml"
+        shell:
+            "python -m crystal_transfer --threads {threads} frozen-features --universal {params.spec:q} "
+            "--name {params.name} --levels {params.levels} --table {input.table} --split {input.split} "
+            "--out-dir {params.out_dir} > {log} 2>&1"
 
 
 rule curve_atomsets:
     input:
-        cache=lambda wc: f"{RESULTS}/transfer/{wc.split}/cache/{config['learning_curves']['source']}-depth{config['learning_curves']['atomsets']['level']}.pt",
+        cache=f"{RESULTS}/transfer/{{split}}/cache/{{source}}-depth{{level}}.pt",
         table=transfer_table,
         split=transfer_split_csv,
     output:
-        test=f"{RESULTS}/curves/{{split}}/atomsets/n{{size}}/seed{{seed}}/test.json",
+        test=f"{RESULTS}/curves/{{split}}/atomsets-{{source}}-level{{level}}/n{{size}}/seed{{seed}}/test.json",
     log:
-        f"{RESULTS}/logs/curve-atomsets-{{split}}-{{size}}-{{seed}}.log",
+        f"{RESULTS}/logs/curve-atomsets-{{split}}-{{source}}-{{level}}-{{size}}-{{seed}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/curve-atomsets-{{split}}-{{size}}-{{seed}}.tsv"
+        f"{RESULTS}/benchmarks/curve-atomsets-{{split}}-{{source}}-{{level}}-{{size}}-{{seed}}.tsv"
+    wildcard_constraints:
+        source=model_names("any"),
+        level=r"\d+|crystal",
     params:
         target=config["transfer"]["target"],
         spec=lambda wc: json.dumps(atomsets_spec(), sort_keys=True),
-        out=lambda wc: f"{RESULTS}/curves/{wc.split}/atomsets/n{wc.size}/seed{wc.seed}",
-        source=lambda wc: config["learning_curves"]["source"],
+        out=lambda wc, output: os.path.dirname(output.test),
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "python -m crystal_transfer --threads {threads} atomsets --name {params.source} --cache {input.cache} --table {input.table} "
-        "--split {input.split} --target {params.target} --train-size {wildcards.size} "
+        "python -m crystal_transfer --threads {threads} atomsets --name {wildcards.source} --cache {input.cache} "
+        "--table {input.table} --split {input.split} --target {params.target} --train-size {wildcards.size} "
         "--seed {wildcards.seed} --spec {params.spec:q} --out {params.out} > {log} 2>&1"
 
 
 rule curve_train:
     input:
-        model=lambda wc: f"{RESULTS}/models/{config['learning_curves']['source']}/model/model.json",
+        model=lambda wc: [] if wc.curve == "scratch" else f"{RESULTS}/models/{finetune_name()}/model/model.json",
         table=transfer_table,
         graphs=transfer_manifest,
         split=transfer_split_csv,
     output:
-        test=f"{RESULTS}/curves/{{split}}/{{mode}}/n{{size}}/seed{{seed}}/test.json",
+        test=f"{RESULTS}/curves/{{split}}/{{curve}}/n{{size}}/seed{{seed}}/test.json",
     log:
-        f"{RESULTS}/logs/curve-{{mode}}-{{split}}-{{size}}-{{seed}}.log",
+        f"{RESULTS}/logs/curve-{{curve}}-{{split}}-{{size}}-{{seed}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/curve-{{mode}}-{{split}}-{{size}}-{{seed}}.tsv"
+        f"{RESULTS}/benchmarks/curve-{{curve}}-{{split}}-{{size}}-{{seed}}.tsv"
     wildcard_constraints:
-        mode="finetune|scratch",
+        curve=f"scratch|finetune-(?:{model_names('cgcnn')})",
     params:
         target=config["transfer"]["target"],
-        source=lambda wc: f"{RESULTS}/models/{config['learning_curves']['source']}/model",
-        name=lambda wc: config["learning_curves"]["source"] if wc.mode == "finetune" else "scratch",
+        mode=lambda wc: "scratch" if wc.curve == "scratch" else "finetune",
+        source=lambda wc: "none" if wc.curve == "scratch" else f"{RESULTS}/models/{finetune_name()}/model",
+        name=lambda wc: "scratch" if wc.curve == "scratch" else finetune_name(),
         graphs=lambda wc: transfer_graph_dir(),
-        out=lambda wc: f"{RESULTS}/curves/{wc.split}/{wc.mode}/n{wc.size}/seed{wc.seed}",
+        out=lambda wc, output: os.path.dirname(output.test),
         spec=lambda wc: json.dumps(transfer_spec(), sort_keys=True),
     resources:
         gpu=1,
     conda:
         "../../envs/pipeline.yaml"
     shell:
-        "python -m crystal_transfer --threads {threads} transfer --name {params.name} --source {params.source} --mode {wildcards.mode} "
-        "--seed {wildcards.seed} --target {params.target} --train-size {wildcards.size} "
+        "python -m crystal_transfer --threads {threads} transfer --name {params.name} --source {params.source} "
+        "--mode {params.mode} --seed {wildcards.seed} --target {params.target} --train-size {wildcards.size} "
         "--graphs {params.graphs} --table {input.table} --split {input.split} --spec {params.spec:q} "
         "--out {params.out} > {log} 2>&1"

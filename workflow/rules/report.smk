@@ -23,7 +23,7 @@ rule report:
     benchmark:
         f"{RESULTS}/benchmarks/report.tsv"
     params:
-        spec=lambda wc, input: json.dumps(report_spec(input.results, input.curves), sort_keys=True),
+        spec=lambda wc, input: json.dumps(report_spec(input.results), sort_keys=True),
         out=lambda wc, output: os.path.dirname(output.summary),
     conda:
         "../../envs/pipeline.yaml"

@@ -15,6 +15,8 @@ rule frozen_features:
         f"{RESULTS}/logs/frozen_features-{{split}}-{{source}}-{{depth}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/frozen_features-{{split}}-{{source}}-{{depth}}.tsv"
+    wildcard_constraints:
+        source=model_names("cgcnn"),
     params:
         target=config["transfer"]["target"],
         source=lambda wc: f"{RESULTS}/models/{wc.source}/model",

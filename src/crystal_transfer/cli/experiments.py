@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from crystal_transfer.cli.arguments import json_arg, level
+from crystal_transfer.errors import InputError
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
@@ -21,6 +22,14 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 def _cmd_frozen_features(args: argparse.Namespace) -> int:
     from crystal_transfer.experiments import frozen_features
 
+    if args.universal:
+        if args.name is None or args.levels is None or args.out_dir is None:
+            raise InputError("frozen-features --universal needs --name, --levels and --out-dir")
+        frozen_features.run_universal(args.name, json_arg(args.universal), args.levels, args.table, args.split,
+                                      args.out_dir)
+        return 0
+    if args.source is None or args.depth is None or args.graphs is None or args.out is None:
+        raise InputError("frozen-features needs --source, --depth, --graphs and --out (or --universal)")
     frozen_features.run(args.source, args.depth, args.graphs, args.table, args.split, args.out)
     return 0
 
@@ -72,14 +81,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     pretrain.add_argument("--out", required=True, help="output folder (model/, metrics.csv, test.json)")
     pretrain.set_defaults(func=_cmd_pretrain)
 
-    frozen = sub.add_parser("frozen-features", help="cache the atom features after a frozen trunk's first k layers")
-    frozen.add_argument("--source", required=True, help="saved model folder of the pretrained trunk")
-    frozen.add_argument("--depth", type=level, required=True,
+    frozen = sub.add_parser("frozen-features", help="cache the atom features after a frozen trunk's first k layers, "
+                            "or those of a universal potential (CHGNet, SevenNet) at its levels")
+    frozen.add_argument("--source", help="saved model folder of the pretrained CGCNN trunk")
+    frozen.add_argument("--depth", type=level,
                         help="frozen convolutions (0: the embedding alone) or 'crystal' (the pooled crystal vector)")
-    frozen.add_argument("--graphs", required=True)
+    frozen.add_argument("--graphs", help="graph folder of the dataset (CGCNN trunks)")
     frozen.add_argument("--table", required=True)
     frozen.add_argument("--split", required=True, help="split CSV: features are cached for all its crystals")
-    frozen.add_argument("--out", required=True, help="cache file (.pt)")
+    frozen.add_argument("--out", help="cache file (.pt) of a CGCNN trunk")
+    frozen.add_argument("--universal",
+                        help='the pretrain entry of a universal potential as JSON, e.g. {"kind": "chgnet"}')
+    frozen.add_argument("--name",
+                        help="its name (config key under pretrain): caches are <out-dir>/<name>-depth<level>.pt")
+    frozen.add_argument("--levels", type=level, nargs="+", help="levels to cache (integers and/or 'crystal')")
+    frozen.add_argument("--out-dir", help="folder of the universal potential's caches")
     frozen.set_defaults(func=_cmd_frozen_features)
 
     transfer = sub.add_parser("transfer", help="one transfer run (or the from-scratch baseline) on a split")

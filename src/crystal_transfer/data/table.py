@@ -61,3 +61,26 @@ def label_values(table: pa.Table, label: str) -> np.ndarray:
         what = "not a column" if field is None else f"a column of {field.type}, not a label"
         raise MissingError(f"'{label}' is {what}; the table's labels are: {', '.join(label_names(table.schema))}")
     return table.column(label).to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def structures(path: str | Path, ids: list[str]) -> list:
+    """pymatgen Structures of the crystals ``ids`` of a canonical table, in that order (for libraries that take
+    them, such as the universal potentials); an id the table lacks is named."""
+    from pymatgen.core import Lattice, Structure
+
+    frame = read_table(path, columns=["id", "lattice", "numbers", "frac_coords"])
+    row = {crystal_id: index for index, crystal_id in enumerate(frame.column("id").to_pylist())}
+    missing = [crystal_id for crystal_id in ids if crystal_id not in row]
+    if missing:
+        raise MissingError(f"{path} lacks {len(missing)} crystals of the split, e.g. {missing[:3]}; "
+                           "the split was made from another table: rebuild it")
+    lattices, numbers, coords = (frame.column(name) for name in ("lattice", "numbers", "frac_coords"))
+    result = []
+    for crystal_id in ids:
+        index = row[crystal_id]
+        species = numbers[index].as_py()
+        result.append(Structure(
+            Lattice(np.reshape(lattices[index].as_py(), (3, 3))), species,
+            np.reshape(coords[index].as_py(), (len(species), 3)),
+        ))
+    return result

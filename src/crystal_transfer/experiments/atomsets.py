@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from crystal_transfer.data.table import label_values, read_table, table_units
+from crystal_transfer.errors import InputError
 from crystal_transfer.experiments.fit import fit_normalizers, train_and_save
 from crystal_transfer.experiments.frozen_features import FeatureSetDataset
 from crystal_transfer.models.set_model import SetModel
@@ -88,6 +89,9 @@ def run(name: str, cache: str | Path, table: str | Path, split: str | Path, targ
     }
     units = table_units(table)
     normalizers = fit_normalizers(data["train"].targets.numpy(), [target], units)
+    if len(data["train"]) < 2 or len(data["test"]) == 0:
+        raise InputError(f"{cache}: the feature source rejected too many crystals of {split} "
+                         f"({len(data['train'])} training and {len(data['test'])} test crystals left)")
     inputs = feature_inputs(features)
     torch.manual_seed(seed)
     model = SetModel(inputs["feature_width"], settings.hidden, settings.pooling, targets=[target])
@@ -101,6 +105,8 @@ def run(name: str, cache: str | Path, table: str | Path, split: str | Path, targ
         "pooling": settings.pooling,
         "hidden": settings.hidden,
         "features": inputs,
+        # crystals of the split the feature source rejected (see the cache's rejected list), per part
+        "left_out": {part: len(data[part].left_out) for part in data},
     }
     result = train_and_save(
         model, data, normalizers, units, settings.train_settings(seed), out, record, parts["train"], log=log,

@@ -8,6 +8,7 @@ computed once per (source, depth, dataset) by :func:`compute_frozen_features` an
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,16 +122,20 @@ class FeatureSetDataset(Dataset):
 
     def __init__(self, cache: dict[str, Any], ids: Sequence[str], targets: np.ndarray | torch.Tensor) -> None:
         row = {crystal_id: index for index, crystal_id in enumerate(cache["ids"])}
-        missing = [i for i in ids if i not in row]
+        rejected = {entry["id"] for entry in cache.get("rejected", [])}
+        missing = [i for i in ids if i not in row and i not in rejected]
         if missing:
             raise MissingError(
                 f"{len(missing)} crystals have no cached features, e.g. {missing[:3]}; rebuild the cache"
             )
+        keep = [index for index, crystal_id in enumerate(ids) if crystal_id in row]
+        self.left_out = [ids[index] for index in range(len(ids)) if ids[index] not in row]  # rejected by the source
         self.features = cache["features"]
         self.offsets = cache["offsets"].tolist()
-        self.rows = [row[i] for i in ids]
-        self.targets = torch.from_numpy(np.array(targets, dtype=np.float32)).reshape(len(ids), -1)  # (n, T) physical
-        self.ids = list(ids)
+        self.ids = [ids[index] for index in keep]
+        self.rows = [row[i] for i in self.ids]
+        values = np.array(targets, dtype=np.float32).reshape(len(ids), -1)[keep]
+        self.targets = torch.from_numpy(values)  # (n, T) physical
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -176,3 +181,53 @@ def run(source: str | Path, depth: int | str, graphs: str | Path, table: str | P
         f"{tuple(cache['features'].shape)} -> {out}"
     )
     return cache
+
+
+def universal_cache_path(out_dir: str | Path, name: str, level: int | str) -> Path:
+    """Where :func:`run_universal` writes source ``name``'s features at ``level`` (the CGCNN caches' naming)."""
+    return Path(out_dir) / f"{name}-depth{level}.pt"
+
+
+def run_universal(name: str, spec: dict[str, Any], levels: Sequence[int | str], table: str | Path,
+                  split: str | Path, out_dir: str | Path, log=print) -> dict[int | str, dict[str, Any]]:
+    """The ``frozen-features`` stage for a universal potential (``spec["kind"]``: chgnet or sevenn): one pass over
+    every crystal of ``split`` gives the caches of all ``levels`` (each in a CGCNN trunk's cache format, plus the
+    crystals the model rejected) and ``<name>-rejected.csv``."""
+    from crystal_transfer.atomic import write_csv
+    from crystal_transfer.data.split import read_split
+    from crystal_transfer.data.table import structures
+    from crystal_transfer.models import universal
+
+    source = universal.source_of(spec["kind"])
+    unknown = [level for level in levels if level not in source.levels]
+    if unknown:
+        raise InputError(f"{name} ({source.model}) has no feature level {', '.join(map(str, unknown))}; "
+                         f"its levels: {', '.join(map(str, source.levels))}")
+    model = universal.extractor(source.kind, spec.get("device", "auto"))
+    parts = read_split(split)
+    ids = parts["train"] + parts["val"] + parts["test"]
+    result = model.features(ids, structures(table, ids), batch_size=int(spec.get("batch_size", 32)), log=log)
+    counts = torch.tensor(result.atom_counts, dtype=torch.long)
+    atom_offsets = torch.zeros(len(counts) + 1, dtype=torch.long)
+    atom_offsets[1:] = torch.cumsum(counts, 0)
+    provenance = {
+        "source": f"{source.requirement()} ({source.model})",
+        "source_weights_sha256": source.sha256,
+        "kind": source.kind,
+        "table": str(table),
+        "split": str(split),
+    }
+    caches = {}
+    for level in levels:
+        offsets = torch.arange(len(counts) + 1, dtype=torch.long) if level == "crystal" else atom_offsets
+        cache = {"ids": result.ids, "offsets": offsets, "features": result.levels[level], "depth": level,
+                 "rejected": result.rejected}
+        path = universal_cache_path(out_dir, name, level)
+        save_frozen_features(cache, path, {**provenance, "depth": level})
+        caches[level] = {**cache, "provenance": {**provenance, "depth": level}}
+    write_csv(Path(out_dir) / f"{name}-rejected.csv", ["id", "reason", "message"], result.rejected)
+    reasons = Counter(entry["reason"] for entry in result.rejected)
+    log(f"{source.model} features of {len(result.ids)} of {len(ids)} crystals at levels "
+        f"{', '.join(map(str, levels))} -> {out_dir}; rejected {len(result.rejected)}"
+        + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))})" if reasons else ""))
+    return caches

@@ -75,31 +75,22 @@ def attention_figure(
     _save(fig, path)
 
 
-def learning_curves_figure(
-    results: pd.DataFrame,
-    path: str | Path,
-    unit: str = "eV",
-    labels: dict[str, str] | None = None,
-    target: str = "band gap",
-) -> None:
-    """Test MAE against training size (log axis, ticks at the sizes) for each mode, mean ± std over seeds."""
+def learning_curves_figure(runs: pd.DataFrame, path: str | Path, unit: str = "eV", target: str = "band gap",
+                           n_test: int | None = None) -> None:
+    """Test MAE against training size (log axis, ticks at the sizes) for each curve of
+    :func:`crystal_transfer.report.curves.curve_points`, mean ± std over seeds, in plan order."""
     plt = _pyplot()
     from matplotlib.ticker import FixedLocator, NullLocator
 
-    labels = labels or {}
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    seeds = results.groupby(["mode", "train_size"])["seed"].nunique()
-    for mode, group in results.groupby("mode", sort=True):
-        summary = group.groupby("train_size")["test_mae"].agg(["mean", "std", "count"]).reset_index()
-        ax.errorbar(
-            summary["train_size"],
-            summary["mean"],
-            yerr=summary["std"].fillna(0),
-            marker="o",
-            capsize=3,
-            label=labels.get(mode, mode),
-        )
-    sizes = sorted(int(n) for n in results["train_size"].unique())
+    fig, ax = plt.subplots(figsize=(7.0, 4.6))
+    seeds = runs.groupby(["key", "train_size"])["seed"].nunique()
+    styles = {"atomsets": "-", "finetune": "--", "scratch": ":"}
+    for key in dict.fromkeys(runs["key"]):
+        group = runs[runs["key"] == key]
+        summary = group.groupby("train_size")["test_mae"].agg(["mean", "std"]).reset_index()
+        ax.errorbar(summary["train_size"], summary["mean"], yerr=summary["std"].fillna(0), marker="o", capsize=3,
+                    linestyle=styles.get(group["curve_mode"].iloc[0], "-"), label=group["label"].iloc[0])
+    sizes = sorted(int(n) for n in runs["train_size"].unique())
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(FixedLocator(sizes))
     ax.xaxis.set_minor_locator(NullLocator())
@@ -108,7 +99,9 @@ def learning_curves_figure(
     ax.set_ylabel(f"{target} test MAE ({unit})")
     counts = sorted({int(c) for c in seeds})
     spread = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
-    ax.set_title(f"Learning curves on one {target} test set (mean ± std over {spread} seeds)", fontsize=10)
+    where = f"{n_test:,} {target} test crystals" if n_test else f"one {target} test set"
+    ax.set_title(f"Learning curves on {where} (mean ± std over {spread} seed{'s' if counts[-1] > 1 else ''})",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     # the labels are long: below the axes, where they cover no point
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)

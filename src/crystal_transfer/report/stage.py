@@ -10,6 +10,7 @@ import pandas as pd
 
 from crystal_transfer.atomic import write_json
 from crystal_transfer.report import study
+from crystal_transfer.report.curves import curve_points, curves_table
 from crystal_transfer.report.figures import (
     attention_figure,
     learning_curves_figure,
@@ -100,18 +101,19 @@ def _figures(spec: dict[str, Any], results: pd.DataFrame, out: Path, summary: di
         )
         summary["figure6_parameters"] = params
     if spec.get("curves"):
-        curves_frame = read_results(spec["curves"])
-        learning_curves_figure(
-            curves_frame,
-            out / "learning_curves.png",
-            spec["target_unit"],
-            spec.get("curve_labels"),
-            spec.get("target_label", "band gap"),
-        )
-        summary["learning_curves"] = (
-            curves_frame.groupby(["mode", "train_size"])["test_mae"].agg(["mean", "std", "count"]).reset_index()
-            .to_dict(orient="records")
-        )
+        runs, about = curve_points(spec["curves"])
+        unit = spec["target_unit"]
+        learning_curves_figure(runs, out / "learning_curves.png", unit, spec.get("target_label", "band gap"),
+                               about["n_test"])
+        frame, markdown, best = curves_table(runs, about, unit)
+        write_table(frame, markdown, out / "learning_curves.csv", out / "learning_curves.md",
+                    f"Learning curves: {spec.get('target_label', 'band gap')} test MAE by training size")
+        summary["learning_curves"] = {
+            "table": frame.to_dict(orient="records"),
+            "best_per_size": best,
+            "test_set": about,
+            "runs": runs[["key", "mode", "train_size", "seed", "test_mae", "own_test_mae"]].to_dict(orient="records"),
+        }
     cells = results.groupby(["source", "depth"])["test_mae"].mean()
     best_source, best_depth = cells.idxmin()
     best = results[(results["source"] == best_source) & (results["depth"] == best_depth)].sort_values("seed").iloc[0]

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from crystal_transfer.atomic import write_csv
 from crystal_transfer.errors import InputError
+from crystal_transfer.progress import progress_bar
 from crystal_transfer.tensor_files import TensorFileError, load_tensors, save_tensors
 from crystal_transfer.training.losses import masked_mse_loss
 from crystal_transfer.training.normalizer import Normalizer
@@ -211,7 +212,7 @@ class Trainer:
         label_count = 0
         abs_sum = torch.zeros(len(self.normalizers), dtype=torch.float64)
         per_target = torch.zeros(len(self.normalizers), dtype=torch.float64)
-        progress = _progress(loader, f"epoch {epoch} {'train' if training else 'val'}")
+        progress = progress_bar(loader, f"epoch {epoch} {'train' if training else 'val'}")
         with torch.set_grad_enabled(training):
             for batch in progress:
                 batch = batch.to(self.device)
@@ -333,14 +334,3 @@ class Trainer:
             targets.append(self._transformed(batch.targets).cpu())
             ids.extend(batch.ids)
         return ids, torch.cat(outputs), torch.cat(targets)
-
-
-def _progress(iterable, description: str):
-    """A tqdm bar on a terminal, the plain iterable otherwise (logs get one line per epoch instead)."""
-    if sys.stderr.isatty():
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            return iterable
-        return tqdm(iterable, desc=description, leave=False)
-    return iterable
