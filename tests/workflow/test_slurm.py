@@ -16,7 +16,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 SLURM_TOOLS = ("sbatch", "squeue", "sacct", "scontrol", "sinfo", "srun")
-GPU_RULES = {"pretrain_train", "frozen_features", "transfer", "baseline", "curve_train"}
+GPU_RULES = {"pretrain_train", "frozen_features", "transfer", "baseline", "curve_train", "universal_features_chgnet",
+             "universal_features_sevenn"}
+# one rule per universal potential a config names (workflow/rules/curves.smk); the profile sets the shipped ones
+UNIVERSAL_RULE = 'f"universal_features_{_name}"'
 
 
 def test_profile_requests_gpus_one_way_and_names_existing_rules() -> None:
@@ -27,7 +30,9 @@ def test_profile_requests_gpus_one_way_and_names_existing_rules() -> None:
     assert {"runtime", "mem_mb", "slurm_partition", "slurm_account"} <= set(profile["default-resources"])
     rules_text = "".join(path.read_text() for path in (REPO / "workflow" / "rules").glob("*.smk"))
     for rule, resources in profile["set-resources"].items():
-        assert f"rule {rule}:" in rules_text, f"set-resources names an unknown rule {rule}"
+        universal = rule.startswith("universal_features_") and UNIVERSAL_RULE in rules_text
+        known = f"rule {rule}:" in rules_text or universal
+        assert known, f"set-resources names an unknown rule {rule}"
         assert {"mem_mb", "runtime"} <= set(resources), rule
         assert "gres" not in resources and "gres" not in str(resources.get("slurm_extra", "")), rule
         assert bool(resources.get("gpu")) == (rule in GPU_RULES), rule

@@ -28,6 +28,7 @@ for _name, _levels in universal_levels().items():
         threads: 2
         resources:
             gpu=1,
+            mem_mb=8000,  # SevenNet on the mp2018 band-gap split (3,000 crystals) peaks at 2.9 GB
         conda:
             "../../envs/pipeline.yaml"
         shell:
