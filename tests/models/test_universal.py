@@ -134,11 +134,11 @@ def test_sevenn_features_equal_its_own_model_call(featurised: dict, mp2018_texts
 
 
 def test_crystals_a_model_cannot_handle_are_rejected_with_the_reason(featurised: dict) -> None:
-    """Americium (CHGNet knows Z <= 94), polonium (not in SevenNet-0's training set), a lone atom, and mp-1 (Cs,
-    nearest neighbour 5.3 Å: alone within SevenNet's 5 Å, not CHGNet's 6 Å): each rejected, never dropped."""
+    """Americium (CHGNet knows Z <= 94), polonium (not in MPtrj, the training set of both), a lone atom, and mp-1
+    (Cs, nearest neighbour 5.3 Å: alone within SevenNet's 5 Å, not CHGNet's 6 Å): each rejected, never dropped."""
     root = featurised["root"]
     for kind, expected in (
-        ("chgnet", {"with_am": "unsupported_element", "lone": "isolated_atom"}),
+        ("chgnet", {"with_am": "unsupported_element", "with_po": "unsupported_element", "lone": "isolated_atom"}),
         ("sevenn", {"with_am": "unsupported_element", "with_po": "unsupported_element", "lone": "isolated_atom",
                     "mp-1": "isolated_atom"}),
     ):
@@ -149,6 +149,26 @@ def test_crystals_a_model_cannot_handle_are_rejected_with_the_reason(featurised:
             assert {entry["id"] for entry in cache["rejected"]} == set(expected)
             assert len(cache["ids"]) + len(expected) == len(featurised["ids"]) + 3  # every crystal accounted for
             assert not set(cache["ids"]) & set(expected)
+
+
+def test_a_crystal_the_model_fails_on_is_rejected_even_alone_in_its_batch(featurised: dict,
+                                                                          mp2018_texts: dict[str, str]) -> None:
+    """A crystal on which CHGNet's own forward pass raises (its graph given an atomic number past the embedding)
+    becomes featurisation_failed, alone in its batch or beside a good crystal that is still featurised."""
+    import torch
+
+    from crystal_transfer.models.universal import extractor
+
+    model = extractor("chgnet", "cpu")
+    good_id, bad_id = featurised["ids"][:2]
+    good, bad = (model.prepare(i, _structure(mp2018_texts[i])) for i in (good_id, bad_id))
+    bad.atomic_number = torch.full_like(bad.atomic_number, 500)
+    for batch_ids, inputs in (([bad_id], [bad]), ([good_id, bad_id], [good, bad])):
+        rejected: list[dict[str, str]] = []
+        kept = [crystal_id for crystal_id, _ in model._forward_guarded(batch_ids, inputs, rejected)]
+        assert kept == batch_ids[:-1]
+        assert [(r["id"], r["reason"]) for r in rejected] == [(bad_id, "featurisation_failed")]
+        assert rejected[0]["message"]
 
 
 def test_atomsets_on_universal_features_records_what_was_left_out(featurised: dict) -> None:

@@ -372,3 +372,34 @@ def test_atomsets_trains_through_the_trainer_and_saves_a_model(matminer_graphs, 
     pd.testing.assert_frame_equal(metrics.drop(columns="seconds"),
                                   pd.read_csv(tmp_path / "b" / "metrics.csv").drop(columns="seconds"))
     assert json.loads((tmp_path / "b" / "test.json").read_text())["test_mae"] == result["test_mae"]
+
+
+def test_a_device_that_cannot_run_is_named() -> None:
+    """An unknown device name, or CUDA asked for where torch sees none, is one clear InputError naming the fix."""
+    import torch
+
+    from crystal_transfer.errors import InputError
+    from crystal_transfer.training.trainer import pick_device
+
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(InputError, match="not a torch device"):
+        pick_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="sees no CUDA GPU"):
+            pick_device("cuda")
+
+
+def test_the_paired_test_runs_one_or_two_sided() -> None:
+    """scipy's paired t-test over the seeds both sides have: one-sided by default, two-sided when asked (then
+    twice the one-sided p of the better side); fewer than two shared seeds give no p."""
+    from crystal_transfer.report.tables import paired_p_value
+
+    better = {0: 0.40, 1: 0.42, 2: 0.41, 9: 0.1}
+    worse = {0: 0.45, 1: 0.44, 2: 0.47}
+    one = paired_p_value(better, worse)
+    two = paired_p_value(better, worse, "two-sided")
+    assert 0 < one < 0.05 and two == pytest.approx(2 * one)
+    assert paired_p_value(worse, better, "two-sided") == pytest.approx(two)
+    assert paired_p_value(worse, better) > 0.95
+    assert paired_p_value({0: 1.0}, {0: 2.0}) is None

@@ -107,7 +107,7 @@ def test_learning_curves_compare_every_source_on_one_test_set(tiny_run: Path) ->
     for size in curves["train_sizes"]:
         assert table.loc[table[f"mae_{size}"].idxmin(), "curve"] == best[size]["best"]
     markdown = (tiny_run / "report" / "learning_curves.md").read_text()
-    assert "Best curve at each training size" in markdown and "AtomSets on SevenNet-0 (11Jul2024)" in markdown
+    assert "Lowest test MAE at each training size" in markdown and "AtomSets on SevenNet-0 (11Jul2024)" in markdown
 
 
 def test_rerun_has_nothing_to_do(tiny_run: Path) -> None:

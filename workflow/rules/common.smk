@@ -156,8 +156,9 @@ def universal_levels():
     return curve_spec.universal_levels(config)
 
 
-def finetune_name():
-    return curve_spec.finetune_source(config)
+def finetuned(wildcards):
+    """The CGCNN model a finetune-<name> curve starts from: the one its wildcard names."""
+    return wildcards.curve.removeprefix("finetune-")
 
 
 def curve_points(curve):

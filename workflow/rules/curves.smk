@@ -65,7 +65,7 @@ rule curve_atomsets:
 
 rule curve_train:
     input:
-        model=lambda wc: [] if wc.curve == "scratch" else f"{RESULTS}/models/{finetune_name()}/model/model.json",
+        model=lambda wc: [] if wc.curve == "scratch" else f"{RESULTS}/models/{finetuned(wc)}/model/model.json",
         table=transfer_table,
         graphs=transfer_manifest,
         split=transfer_split_csv,
@@ -80,8 +80,8 @@ rule curve_train:
     params:
         target=config["transfer"]["target"],
         mode=lambda wc: "scratch" if wc.curve == "scratch" else "finetune",
-        source=lambda wc: "none" if wc.curve == "scratch" else f"{RESULTS}/models/{finetune_name()}/model",
-        name=lambda wc: "scratch" if wc.curve == "scratch" else finetune_name(),
+        source=lambda wc: "none" if wc.curve == "scratch" else f"{RESULTS}/models/{finetuned(wc)}/model",
+        name=lambda wc: "scratch" if wc.curve == "scratch" else finetuned(wc),
         graphs=lambda wc: transfer_graph_dir(),
         out=lambda wc, output: os.path.dirname(output.test),
         spec=lambda wc: json.dumps(transfer_spec(), sort_keys=True),

@@ -88,10 +88,10 @@ def run(name: str, cache: str | Path, table: str | Path, split: str | Path, targ
         for part in ("train", "val", "test")
     }
     units = table_units(table)
-    normalizers = fit_normalizers(data["train"].targets.numpy(), [target], units)
     if len(data["train"]) < 2 or len(data["test"]) == 0:
         raise InputError(f"{cache}: the feature source rejected too many crystals of {split} "
                          f"({len(data['train'])} training and {len(data['test'])} test crystals left)")
+    normalizers = fit_normalizers(data["train"].targets.numpy(), [target], units)
     inputs = feature_inputs(features)
     torch.manual_seed(seed)
     model = SetModel(inputs["feature_width"], settings.hidden, settings.pooling, targets=[target])
@@ -100,7 +100,7 @@ def run(name: str, cache: str | Path, table: str | Path, split: str | Path, targ
         "mode": "atomsets",
         "seed": seed,
         "target": target,
-        "train_size": len(parts["train"]),
+        "train_size": len(parts["train"]),  # the planned size; left_out says how many of them the source refused
         "level": features["depth"],
         "pooling": settings.pooling,
         "hidden": settings.hidden,
@@ -109,7 +109,7 @@ def run(name: str, cache: str | Path, table: str | Path, split: str | Path, targ
         "left_out": {part: len(data[part].left_out) for part in data},
     }
     result = train_and_save(
-        model, data, normalizers, units, settings.train_settings(seed), out, record, parts["train"], log=log,
+        model, data, normalizers, units, settings.train_settings(seed), out, record, data["train"].ids, log=log,
         inputs=inputs,
     )
     log(f"AtomSets on {name} features at level {result['level']}: {result['train_size']} training crystals, "

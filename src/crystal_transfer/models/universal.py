@@ -161,13 +161,17 @@ def checkpoint(kind: str) -> Path:
     return path
 
 
-def resolve_device(device: str):
-    """The ``torch.device`` of ``device`` (``auto``: CUDA when available, else the CPU)."""
-    import torch
+def _one_line(exc: Exception) -> str:
+    """An exception as a short one-line rejection message: its type and the first line of its text."""
+    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}"
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+
+def resolve_device(device: str):
+    """The ``torch.device`` of ``device`` (``auto``: CUDA when available, else the CPU), as the trainer picks it."""
+    from crystal_transfer.training.trainer import pick_device
+
+    return pick_device(device)
 
 
 @dataclass
@@ -212,6 +216,8 @@ class _Extractor:
                     batch_ids.append(crystal_id)
                 except _Refused as refusal:
                     rejected.append({"id": crystal_id, "reason": refusal.reason, "message": refusal.message})
+                except Exception as exc:  # noqa: BLE001 - the library's graph builders raise any type
+                    rejected.append({"id": crystal_id, "reason": FEATURISATION_FAILED, "message": _one_line(exc)})
             for crystal_id, per_level in self._forward_guarded(batch_ids, inputs, rejected):
                 for level, array in per_level.items():
                     rows[level].append(array)
@@ -233,17 +239,13 @@ class _Extractor:
             return []
         try:
             outputs = self._checked_forward(inputs)
-        except Exception:  # noqa: BLE001 - the library's own errors, any type: find the crystal by itself
+        except Exception as exc:  # noqa: BLE001 - the library's own errors, any type: find the crystal by itself
             if len(inputs) == 1:
-                raise
+                rejected.append({"id": ids[0], "reason": FEATURISATION_FAILED, "message": _one_line(exc)})
+                return []
             results = []
             for crystal_id, item in zip(ids, inputs, strict=True):
-                try:
-                    results.extend(self._forward_guarded([crystal_id], [item], rejected))
-                except Exception as exc:  # noqa: BLE001
-                    first = str(exc).splitlines()[0][:200] if str(exc) else ""
-                    rejected.append({"id": crystal_id, "reason": FEATURISATION_FAILED,
-                                     "message": f"{type(exc).__name__}: {first}"})
+                results.extend(self._forward_guarded([crystal_id], [item], rejected))
             return results
         results = []
         for index, crystal_id in enumerate(ids):
@@ -290,6 +292,9 @@ class ChgnetFeatures(_Extractor):
         self.model = model_module.CHGNet.from_dict(state["model"], mlp_out_bias=False, version="0.3.0")
         self.model = self.model.to(self.device).eval()
         self.max_z = self.model.atom_embedding.embedding.num_embeddings  # H is row 0
+        # MPtrj, CHGNet's training set, has no Po-Ra (Z 84-88; SevenNet-0's type map, fitted to the same
+        # data, lacks exactly these): their embedding rows were never trained, so their features mean nothing
+        self.untrained = frozenset(range(84, 89))
         self.converter = self.model.graph_converter
         self.levels_seen: dict[int, Any] = {}
         self.model.atom_embedding.register_forward_hook(self._keep(0))
@@ -302,9 +307,11 @@ class ChgnetFeatures(_Extractor):
         return hook
 
     def prepare(self, crystal_id: str, structure):
-        too_heavy = sorted({site.specie.symbol for site in structure if site.specie.Z > self.max_z})
-        if too_heavy:
-            raise _Refused(UNSUPPORTED_ELEMENT, f"CHGNet knows Z <= {self.max_z}, not {', '.join(too_heavy)}")
+        unknown = sorted({site.specie.symbol for site in structure
+                          if site.specie.Z > self.max_z or site.specie.Z in self.untrained})
+        if unknown:
+            raise _Refused(UNSUPPORTED_ELEMENT, f"CHGNet 0.3.0 was not trained on {', '.join(unknown)} "
+                           f"(MPtrj: Z <= {self.max_z} without Po-Ra)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:

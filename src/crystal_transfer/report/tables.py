@@ -59,16 +59,20 @@ def read_results(paths: Iterable[str | Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def paired_p_value(candidate: dict[int, float], baseline: dict[int, float]) -> float | None:
-    """One-sided paired t-test (candidate MAE < baseline MAE) over the seeds both have; None below 2 pairs."""
+def paired_p_value(candidate: dict[int, float], baseline: dict[int, float],
+                   alternative: str = "less") -> float | None:
+    """Paired t-test over the seeds both have, one-sided (candidate MAE < baseline MAE) or, with
+    ``alternative="two-sided"``, either way; None below 2 pairs."""
     seeds = sorted(set(candidate) & set(baseline))
     if len(seeds) < 2:
         return None
     a = np.array([candidate[s] for s in seeds])
     b = np.array([baseline[s] for s in seeds])
     if np.allclose(a - b, (a - b)[0]):  # constant differences: t is undefined
+        if alternative == "two-sided":
+            return 1.0 if np.isclose((a - b)[0], 0.0) else 0.0
         return 0.0 if (a - b)[0] < 0 else 1.0
-    return float(stats.ttest_rel(a, b, alternative="less").pvalue)
+    return float(stats.ttest_rel(a, b, alternative=alternative).pvalue)
 
 
 def _seed_values(results: pd.DataFrame, source: str, depth: int) -> dict[int, float]:

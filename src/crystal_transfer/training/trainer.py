@@ -103,7 +103,14 @@ def pick_device(name: str) -> torch.device:
     """'auto' -> CUDA when available, else CPU; otherwise the named device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"device {name!r} is not a torch device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {name!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU: "
+                         "use device: auto (CUDA when there is one, else the CPU) or cpu")
+    return device
 
 
 def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
