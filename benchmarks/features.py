@@ -38,10 +38,10 @@ def one_source(source: str, table: Path, graphs: Path, count: int, device: str, 
     """Featurise the crystals with one source in this process; seconds, rate and peak memory."""
     import torch
 
-    from crystal_transfer.models.universal import resolve_device
+    from crystal_transfer.training.trainer import pick_device
 
     ids = crystal_ids(table, count)
-    device = resolve_device(device)
+    device = pick_device(device)
     if source == "cgcnn":
         from crystal_transfer.experiments.frozen_features import compute_frozen_features
         from crystal_transfer.graphs.dataset import GraphDataset

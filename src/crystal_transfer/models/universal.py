@@ -167,13 +167,6 @@ def _one_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {first}"
 
 
-def resolve_device(device: str):
-    """The ``torch.device`` of ``device`` (``auto``: CUDA when available, else the CPU), as the trainer picks it."""
-    from crystal_transfer.training.trainer import pick_device
-
-    return pick_device(device)
-
-
 @dataclass
 class FeatureResult:
     """Features of the crystals a model handled, per level, and the ones it rejected with reasons."""
@@ -190,8 +183,10 @@ class _Extractor:
     kind = ""
 
     def __init__(self, device: str = "auto") -> None:
+        from crystal_transfer.training.trainer import pick_device
+
         self.source = source_of(self.kind)
-        self.device = resolve_device(device)
+        self.device = pick_device(device)  # auto: CUDA when available, else the CPU; an unusable one is named
 
     def prepare(self, crystal_id: str, structure) -> Any:
         """The library's input for one crystal; raises :class:`_Refused` for a crystal it cannot handle."""
@@ -235,10 +230,13 @@ class _Extractor:
 
     def _forward_guarded(self, ids: list[str], inputs: list[Any], rejected: list[dict[str, str]]):
         """(id, {level: array}) of each crystal; a failing batch is retried crystal by crystal to find the culprit."""
+        import torch
+
         if not inputs:
             return []
         try:
-            outputs = self._checked_forward(inputs)
+            with torch.no_grad():
+                outputs = self.forward(inputs)
         except Exception as exc:  # noqa: BLE001 - the library's own errors, any type: find the crystal by itself
             if len(inputs) == 1:
                 rejected.append({"id": ids[0], "reason": FEATURISATION_FAILED, "message": _one_line(exc)})
@@ -256,12 +254,6 @@ class _Extractor:
                 continue
             results.append((crystal_id, per_level))
         return results
-
-    def _checked_forward(self, inputs: list[Any]) -> dict[int | str, list[np.ndarray]]:
-        import torch
-
-        with torch.no_grad():
-            return self.forward(inputs)
 
 
 class _Refused(Exception):
