@@ -403,3 +403,31 @@ def test_the_paired_test_runs_one_or_two_sided() -> None:
     assert paired_p_value(worse, better, "two-sided") == pytest.approx(two)
     assert paired_p_value(worse, better) > 0.95
     assert paired_p_value({0: 1.0}, {0: 2.0}) is None
+
+
+def test_finetuning_with_layer_lr_decay_gives_each_layer_its_rate() -> None:
+    from crystal_transfer.errors import InputError
+    from crystal_transfer.experiments.transfer import build_transfer_model
+    from crystal_transfer.models.cgcnn import CGCNN
+    from crystal_transfer.training.trainer import TrainSettings, make_optimizer
+
+    source = CGCNN(targets=["formation_energy_per_atom"], **ARCH, backend="torch")
+    settings = TrainSettings.from_dict({**TRAIN, "layer_lr_decay": 0.5})
+    model = build_transfer_model("band_gap", "finetune", 0, 0, source, layer_lr_decay=settings.layer_lr_decay)
+    optimizer = make_optimizer(model, settings)
+    rate = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    named = dict(model.named_parameters())
+    assert len(rate) == len(named)  # every trainable parameter, once
+    n = ARCH["n_conv"]
+    for name, parameter in named.items():
+        if name.startswith("embedding."):
+            expected = 0.01 * 0.5 ** (n + 1)
+        elif name.startswith("convs."):
+            expected = 0.01 * 0.5 ** (n - int(name.split(".")[1]))
+        else:  # conv_to_fc and the new head
+            expected = 0.01
+        assert rate[id(parameter)] == pytest.approx(expected), name
+    plain = make_optimizer(build_transfer_model("band_gap", "finetune", 0, 0, source), TrainSettings.from_dict(TRAIN))
+    assert [g["lr"] for g in plain.param_groups] == [0.01]
+    with pytest.raises(InputError, match="layer_lr_decay"):
+        TrainSettings.from_dict({**TRAIN, "layer_lr_decay": 1.5})

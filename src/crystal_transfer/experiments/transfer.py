@@ -27,13 +27,15 @@ def build_transfer_model(
     seed: int,
     source: CGCNN | None = None,
     architecture: dict[str, Any] | None = None,
+    layer_lr_decay: float = 1.0,
 ) -> CGCNN:
     """A one-target model for transfer, its parameters initialised from ``seed``.
 
     ``scratch``: fresh model of ``architecture`` (or the source's). ``freeze``: copy the source's embedding and
     first ``depth`` convolutions and freeze them; the deeper layers and the head stay freshly initialised.
     ``finetune``: copy the embedding, every convolution and ``conv_to_fc`` (and hidden layers), train them all;
-    only the output head is new.
+    only the output head is new; with ``layer_lr_decay`` d < 1 the last convolution learns at d times the
+    learning rate, the one below at d², ..., the embedding at d^(n_conv + 1) (``model.lr_scales``).
     """
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}, not {mode!r}")
@@ -68,6 +70,10 @@ def build_transfer_model(
                 parameter.requires_grad_(False)
     if mode == "freeze":
         model.frozen_depth = depth
+    elif layer_lr_decay != 1.0:
+        n = len(model.convs)
+        model.lr_scales = {f"convs.{i}.": layer_lr_decay ** (n - i) for i in range(n)}
+        model.lr_scales["embedding."] = layer_lr_decay ** (n + 1)
     return model
 
 
@@ -110,13 +116,13 @@ def run(
         trunk = saved.model
     # a model trained from scratch takes its Gaussians' range from the graphs (a source's equals them: checked)
     architecture = {"radius": datasets["train"].settings.radius, **(spec.get("architecture") or {})}
-    model = build_transfer_model(target, mode, depth, seed, trunk, architecture)
+    settings = TrainSettings.from_dict({**spec["train"], "seed": seed})
+    model = build_transfer_model(target, mode, depth, seed, trunk, architecture, settings.layer_lr_decay)
     if cache:
         features = load_frozen_features(cache)
         if int(features["depth"]) != depth:
             raise InputError(f"{cache} holds features at depth {features['depth']}, not {depth}")
         datasets = {part: CachedFeatureDataset(data, features) for part, data in datasets.items()}
-    settings = TrainSettings.from_dict({**spec["train"], "seed": seed})
     record = {
         "source": name,
         "mode": mode,

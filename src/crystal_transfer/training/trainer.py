@@ -51,10 +51,13 @@ class TrainSettings:
     seed: int = 0
     device: str = "auto"  # "auto": CUDA when available, else CPU
     patience: int | None = None  # stop after this many epochs without a better validation loss; 0/None: off
+    layer_lr_decay: float = 1.0  # finetune: each layer below the head learns at this factor of the one above it
 
     def __post_init__(self) -> None:
         if self.patience is not None and self.patience < 0:
             raise InputError(f"patience must be >= 0 (0 or null: no early stopping), not {self.patience}")
+        if not 0 < self.layer_lr_decay <= 1:
+            raise InputError(f"layer_lr_decay must be in (0, 1] (1: one learning rate), not {self.layer_lr_decay}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainSettings:
@@ -114,8 +117,15 @@ def pick_device(name: str) -> torch.device:
 
 
 def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
-    """SGD with momentum (CGCNN's default) or Adam over the trainable parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """SGD with momentum (CGCNN's default) or Adam over the trainable parameters; a model with ``lr_scales``
+    (parameter-name prefix -> factor, set by a finetune transfer) gets one group per factor, lr times it."""
+    scales: dict[str, float] = getattr(model, "lr_scales", None) or {}
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            factor = next((f for prefix, f in scales.items() if name.startswith(prefix)), 1.0)
+            groups.setdefault(factor, []).append(parameter)
+    params = [{"params": group, "lr": settings.lr * factor} for factor, group in groups.items()]
     if settings.optimizer == "sgd":
         return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
     if settings.optimizer == "adam":
