@@ -220,7 +220,8 @@ def test_the_workflow_config_check_names_a_missing_extra(monkeypatch: pytest.Mon
 def test_the_curve_plan_refuses_what_cannot_work() -> None:
     import yaml
 
-    from crystal_transfer.experiments.curves import check_transfer_sources, curve_plan
+    from crystal_transfer.experiments.curves import curve_plan
+    from crystal_transfer.experiments.matrix import targets
 
     config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     keys = [curve.key for curve in curve_plan(config)]
@@ -240,8 +241,9 @@ def test_the_curve_plan_refuses_what_cannot_work() -> None:
             curve_plan(broken)
     broken = copy.deepcopy(config)
     broken["transfer"]["sources"].append("chgnet")
-    with pytest.raises(InputError, match="chgnet \\(CHGNet 0.3.0\\) is a universal potential"):
-        check_transfer_sources(broken)
+    with pytest.raises(InputError, match="chgnet \\(CHGNet 0.3.0\\) is a universal potential; it serves frozen "
+                                         "features to mode atomsets"):
+        targets(broken)
 
 
 def test_a_checkpoint_whose_bytes_differ_is_refused(tmp_path: Path) -> None:

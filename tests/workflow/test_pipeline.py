@@ -1,7 +1,8 @@
-"""The whole chain on configs/tiny.yaml through Snakemake: data, graphs, pretraining, transfer, curves, report.
+"""The whole chain on configs/tiny.yaml through Snakemake: data, graphs, pretraining, transfer to two targets,
+curves, report.
 
-Checks the tables' shape and that every number in them comes from a job's test.json, that the figures exist,
-that a rerun has nothing to do, and that the HTML report builds.
+Checks the tables' shape and that every number in them comes from a job's test.json (the transfer matrix's
+cells too), that the figures exist, that a rerun has nothing to do, and that the HTML report builds.
 """
 
 from __future__ import annotations
@@ -35,12 +36,13 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_tables_have_the_study_layout_and_come_from_job_files(tiny_run: Path) -> None:
     config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     transfer = config["transfer"]
+    study = transfer["targets"][0]["split"]
     table2 = pd.read_csv(tiny_run / "report" / "table2.csv")
     assert list(table2["source"])[0] == "baseline (from scratch)"
     assert len(table2) == 1 + len(transfer["sources"])
     for depth in transfer["depths"]:
         assert {f"mae_{depth}", f"std_{depth}", f"study_{depth}", f"p_{depth}"} <= set(table2.columns)
-    base = tiny_run / "transfer" / transfer["split"]
+    base = tiny_run / "transfer" / study
     for row, source in zip(table2.itertuples(), ["scratch"] + transfer["sources"], strict=True):
         for depth in transfer["depths"]:
             folder_depth = 0 if source == "scratch" else depth
@@ -67,6 +69,50 @@ def test_tables_have_the_study_layout_and_come_from_job_files(tiny_run: Path) ->
     assert len(table3) == 3 and "Combined (200 crystals)" in set(table3["source"])
 
 
+def test_every_matrix_cell_is_the_validation_choice_of_its_jobs(tiny_run: Path) -> None:
+    """Each (target, source) cell of the transfer matrix is, recomputed here from the jobs' test.json files, the
+    (mode, depth) with the lowest mean validation MAE, its mean test MAE, its change against scratch and the
+    paired t-test; every planned (target, source) has its cell, and each target's table bolds that choice."""
+    from scipy import stats
+
+    from crystal_transfer.experiments.matrix import runs, targets
+
+    config = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    cells = pd.read_csv(tiny_run / "report" / "transfer_matrix.csv")
+    planned = targets(config)
+    assert len(planned) == 2 and {m for t in planned for m in t.modes} == {"freeze", "finetune", "atomsets"}
+    assert len(cells) == sum(len(target.sources) for target in planned)
+    for target in planned:
+        records = [json.loads(Path(run.test_json(str(tiny_run))).read_text()) for run in runs(config, target)]
+        assert {r["target"] for r in records} == {target.label}
+        scratch = {r["seed"]: r["test_mae"] for r in records if r["source"] == "scratch"}
+        table = (tiny_run / "report" / "targets" / f"{target.split}.md").read_text()
+        for source in target.sources:
+            groups: dict[str, list[dict]] = {}
+            for r in records:
+                if r["source"] == source:
+                    level = r["level"] if r["mode"] == "atomsets" else r["depth"]
+                    groups.setdefault(f"{r['mode']}/{level}", []).append(r)
+            assert len(groups) == (1 if config["pretrain"][source]["kind"] == "chgnet" else
+                                   len(target.depths) * ("freeze" in target.modes)
+                                   + ("finetune" in target.modes) + ("atomsets" in target.modes))
+            chosen_key = min(groups, key=lambda k: np.mean([r["best_val_mae"] for r in groups[k]]))
+            chosen = groups[chosen_key]
+            cell = cells[(cells["target"] == target.split) & (cells["source"] == source)].iloc[0]
+            assert f"{cell['mode']}/{cell['depth']}" == chosen_key
+            test = {r["seed"]: r["test_mae"] for r in chosen}
+            assert cell["test_mae"] == pytest.approx(np.mean(list(test.values())), rel=1e-9)
+            assert cell["val_mae"] == pytest.approx(np.mean([r["best_val_mae"] for r in chosen]), rel=1e-9)
+            assert cell["scratch_test_mae"] == pytest.approx(np.mean(list(scratch.values())), rel=1e-9)
+            assert cell["relative_change"] == pytest.approx(cell["test_mae"] / cell["scratch_test_mae"] - 1, rel=1e-9)
+            seeds = sorted(test)
+            p = stats.ttest_rel([test[s] for s in seeds], [scratch[s] for s in seeds], alternative="less").pvalue
+            assert cell["p_value"] == pytest.approx(p, rel=1e-6)
+            assert bool(cell["better_than_scratch"]) == (p < 0.05)
+            assert f"**{cell['test_mae']:.3f}" in table  # the target's table bolds the same choice
+    assert (tiny_run / "report" / "transfer_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_figures_and_summary_exist(tiny_run: Path) -> None:
     for name in ("fig5_loss_curves.png", "fig6_attention.png", "learning_curves.png", "parity_best.png"):
         path = tiny_run / "report" / name
@@ -88,7 +134,7 @@ def test_learning_curves_compare_every_source_on_one_test_set(tiny_run: Path) ->
     curves = config["learning_curves"]
     table = pd.read_csv(tiny_run / "report" / "learning_curves.csv")
     assert list(table["curve"]) == [curve.key for curve in plan]
-    base = tiny_run / "curves" / config["transfer"]["split"]
+    base = tiny_run / "curves" / config["transfer"]["targets"][0]["split"]
     predictions = {
         (curve.key, size, seed): pd.read_csv(base / curve.key / f"n{size}" / f"seed{seed}" / "predictions.csv")
         for curve in plan for size in curves["train_sizes"] for seed in curves["seeds"]

@@ -3,7 +3,7 @@
 
 from crystal_transfer.data import spec as data_spec
 from crystal_transfer.experiments import curves as curve_spec
-from crystal_transfer.report.study import source_label
+from crystal_transfer.experiments import matrix as transfer_plan
 
 
 def dataset_spec(dataset):
@@ -56,67 +56,103 @@ def pretrain_spec(model):
     return spec
 
 
-def transfer_spec():
-    """Train settings and architecture of transfer runs and the baseline."""
-    return {"train": merged_train(config["transfer"].get("train", {})), "architecture": config["architecture"]}
+# split plan -> its transfer target (the first is the study's); empty without a transfer section
+TARGETS = {target.split: target for target in transfer_plan.targets(config)}
 
 
-def transfer_dataset():
-    return config["splits"][config["transfer"]["split"]]["dataset"]
+wildcard_constraints:
+    split="|".join(re.escape(name) for name in config["splits"]) or "(?!)",
+    dataset="|".join(re.escape(name) for name in config["datasets"]) or "(?!)",
 
 
-def transfer_graph_dir():
-    return f"{RESULTS}/graphs/{transfer_dataset()}"
+def study_split():
+    return next(iter(TARGETS))
+
+
+def transfer_spec(split):
+    """Train settings and architecture of a target's CGCNN transfer runs and its baseline."""
+    return {"train": merged_train(TARGETS[split].train), "architecture": config["architecture"]}
+
+
+def target_label(wildcards):
+    return TARGETS[wildcards.split].label
+
+
+def split_dataset(split):
+    return config["splits"][split]["dataset"]
+
+
+def transfer_graph_dir(split):
+    return f"{RESULTS}/graphs/{split_dataset(split)}"
 
 
 def transfer_table(wildcards):
-    return f"{RESULTS}/data/{transfer_dataset()}/crystals.parquet"
+    return f"{RESULTS}/data/{split_dataset(wildcards.split)}/crystals.parquet"
 
 
 def transfer_manifest(wildcards):
-    return f"{transfer_graph_dir()}/manifest.json"
+    return f"{transfer_graph_dir(wildcards.split)}/manifest.json"
 
 
 def transfer_split_csv(wildcards):
-    return f"{RESULTS}/data/{transfer_dataset()}/splits/{wildcards.split}.csv"
+    return f"{RESULTS}/data/{split_dataset(wildcards.split)}/splits/{wildcards.split}.csv"
+
+
+def feature_cache(split, source, level):
+    """A source's frozen features at a level, shared by every target (and curve) on the split's dataset."""
+    return f"{RESULTS}/transfer/cache/{split_dataset(split)}/{source}-depth{level}.pt"
+
+
+def dataset_table(wildcards):
+    return f"{RESULTS}/data/{wildcards.dataset}/crystals.parquet"
+
+
+def dataset_split_csvs(wildcards):
+    """The split CSVs of every target on a dataset: its feature caches hold the crystals of them all."""
+    splits = [split for split in TARGETS if split_dataset(split) == wildcards.dataset]
+    return [f"{RESULTS}/data/{wildcards.dataset}/splits/{split}.csv" for split in splits]
 
 
 def transfer_cache_input(wildcards):
     if not config["transfer"]["cache_frozen"]:
         return []
-    return f"{RESULTS}/transfer/{wildcards.split}/cache/{wildcards.source}-depth{wildcards.depth}.pt"
+    return feature_cache(wildcards.split, wildcards.source, wildcards.depth)
 
 
 def transfer_results():
-    """test.json of every transfer run and baseline named by the config."""
-    t = config["transfer"]
-    base = f"{RESULTS}/transfer/{t['split']}"
-    runs = [
-        f"{base}/{source}/depth{depth}/seed{seed}/test.json"
-        for source in t["sources"]
-        for depth in t["depths"]
-        for seed in t["seeds"]
-    ]
-    return runs + [f"{base}/scratch/depth0/seed{seed}/test.json" for seed in t["seeds"]]
+    """test.json of every transfer run and baseline of every target."""
+    return [run.test_json(RESULTS) for run in transfer_plan.all_runs(config)]
 
 
-def report_spec(results):
-    """What the report stage reads: the result files, the sources with their labels and study roles."""
-    sources = []
-    for name in config["transfer"]["sources"]:
-        entry = config["pretrain"][name]
-        sources.append({"name": name, "label": source_label(name, entry), "role": entry.get("role")})
-    depths = config["transfer"]["depths"]
+def set_model_spec(section):
+    """Set-model settings of an atomsets section (the level is the cache's, not a training setting)."""
+    return {k: v for k, v in section.get("atomsets", {}).items() if k != "level"}
+
+
+def report_spec():
+    """What the report stage reads: the study target's runs (Tables 2 and 3, Figure 5), every target's runs with
+    their sources' labels (the transfer matrix and the per-target tables), the curves."""
+    study = TARGETS[study_split()]
+    cgcnn = [name for name in study.sources if config["pretrain"][name]["kind"] in curve_spec.CGCNN_KINDS]
+    freeze = [run for run in transfer_plan.runs(config, study) if run.mode in ("freeze", "scratch")]
     spec = {
-        "results": list(results),
-        "sources": sources,
-        "depths": depths,
-        "figure_depth": 2 if 2 in depths else depths[0],
-        "target_unit": "eV",
+        "results": [run.test_json(RESULTS) for run in freeze],
+        "sources": [{"name": name, "label": curve_spec.model_label(name, config["pretrain"][name]),
+                     "role": config["pretrain"][name].get("role")} for name in cgcnn],
+        "depths": list(study.depths),
+        "figure_depth": 2 if 2 in study.depths else study.depths[0],
         "table3": None,
         "figure6": None,
         "curves": curves_of_report(),
-        "target_label": config["transfer"]["target"].replace("_", " "),
+        "target_label": study.label.replace("_", " "),
+        "targets": [
+            {"split": target.split, "label": target.label, "modes": list(target.modes),
+             "depths": list(target.depths),
+             "sources": [{"name": name, "label": curve_spec.model_label(name, config["pretrain"][name])}
+                         for name in target.sources],
+             "results": [run.test_json(RESULTS) for run in transfer_plan.runs(config, target)]}
+            for target in TARGETS.values()
+        ],
     }
     table3 = config["report"].get("table3")
     if table3:
@@ -140,19 +176,24 @@ def report_table3_outputs():
     return [report(table, caption="../report/table3.rst", category="Tables"), f"{RESULTS}/report/table3.md"]
 
 
+def report_target_outputs():
+    """Each target's table in the form of Table 2, every mode as a column."""
+    outputs = []
+    for split in TARGETS:
+        table = f"{RESULTS}/report/targets/{split}.csv"
+        outputs += [report(table, caption="../report/target_table.rst", category="Tables",
+                           subcategory="Transfer by target"), f"{RESULTS}/report/targets/{split}.md"]
+    return outputs
+
+
 def report_figure6_outputs():
     if not config["report"].get("figure6"):
         return []
     return report(f"{RESULTS}/report/fig6_attention.png", caption="../report/fig6.rst", category="Figures")
 
 
-def atomsets_spec():
-    """Set-model settings of the AtomSets curves (the level is the cache's, not a training setting)."""
-    return {k: v for k, v in config["learning_curves"].get("atomsets", {}).items() if k != "level"}
-
-
 def universal_levels():
-    """Universal potential -> the feature levels the learning curves read of it."""
+    """Universal potential -> the feature levels the learning curves and the transfer runs read of it."""
     return curve_spec.universal_levels(config)
 
 
@@ -163,7 +204,7 @@ def finetuned(wildcards):
 
 def curve_points(curve):
     curves = config["learning_curves"]
-    split = config["transfer"]["split"]
+    split = study_split()
     return [
         f"{RESULTS}/curves/{split}/{curve.key}/n{size}/seed{seed}/test.json"
         for size in curves["train_sizes"]

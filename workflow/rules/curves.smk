@@ -1,8 +1,8 @@
-# Learning curves over training sizes on the transfer split's test set (results/curves/<split>/<curve>/n<N>/
+# Learning curves over training sizes on the study target's test set (results/curves/<split>/<curve>/n<N>/
 # seed<s>/, curves from crystal_transfer.experiments.curves): AtomSets on each source's cached features
 # (atomsets-<source>-level<L>), fine-tuning a CGCNN model (finetune-<source>) and training from scratch.
-# A universal potential's features (CHGNet, SevenNet) come from one job per potential that writes every level
-# the curves read, beside the CGCNN trunks' caches.
+# A universal potential's features (CHGNet, SevenNet) come from one job per potential and dataset that writes
+# every level the curves and the transfer runs read, beside the CGCNN trunks' caches.
 
 
 for _name, _levels in universal_levels().items():
@@ -11,15 +11,15 @@ for _name, _levels in universal_levels().items():
         name:
             f"universal_features_{_name}"
         input:
-            table=transfer_table,
-            split=transfer_split_csv,
+            table=dataset_table,
+            splits=dataset_split_csvs,
         output:
-            [f"{RESULTS}/transfer/{{split}}/cache/{_name}-depth{level}.pt" for level in _levels],
-            rejected=f"{RESULTS}/transfer/{{split}}/cache/{_name}-rejected.csv",
+            [f"{RESULTS}/transfer/cache/{{dataset}}/{_name}-depth{level}.pt" for level in _levels],
+            rejected=f"{RESULTS}/transfer/cache/{{dataset}}/{_name}-rejected.csv",
         log:
-            f"{RESULTS}/logs/universal_features-{{split}}-{_name}.log",
+            f"{RESULTS}/logs/universal_features-{{dataset}}-{_name}.log",
         benchmark:
-            f"{RESULTS}/benchmarks/universal_features-{{split}}-{_name}.tsv"
+            f"{RESULTS}/benchmarks/universal_features-{{dataset}}-{_name}.tsv"
         params:
             name=_name,
             spec=json.dumps(config["pretrain"][_name], sort_keys=True),
@@ -33,13 +33,13 @@ for _name, _levels in universal_levels().items():
             "../../envs/pipeline.yaml"
         shell:
             "python -m crystal_transfer --threads {threads} frozen-features --universal {params.spec:q} "
-            "--name {params.name} --levels {params.levels} --table {input.table} --split {input.split} "
+            "--name {params.name} --levels {params.levels} --table {input.table} --split {input.splits} "
             "--out-dir {params.out_dir} > {log} 2>&1"
 
 
 rule curve_atomsets:
     input:
-        cache=f"{RESULTS}/transfer/{{split}}/cache/{{source}}-depth{{level}}.pt",
+        cache=lambda wc: feature_cache(wc.split, wc.source, wc.level),
         table=transfer_table,
         split=transfer_split_csv,
     output:
@@ -52,8 +52,8 @@ rule curve_atomsets:
         source=model_names("any"),
         level=r"\d+|crystal",
     params:
-        target=config["transfer"]["target"],
-        spec=lambda wc: json.dumps(atomsets_spec(), sort_keys=True),
+        target=target_label,
+        spec=lambda wc: json.dumps(set_model_spec(config["learning_curves"]), sort_keys=True),
         out=lambda wc, output: os.path.dirname(output.test),
     conda:
         "../../envs/pipeline.yaml"
@@ -78,13 +78,13 @@ rule curve_train:
     wildcard_constraints:
         curve=f"scratch|finetune-(?:{model_names('cgcnn')})",
     params:
-        target=config["transfer"]["target"],
+        target=target_label,
         mode=lambda wc: "scratch" if wc.curve == "scratch" else "finetune",
         source=lambda wc: "none" if wc.curve == "scratch" else f"{RESULTS}/models/{finetuned(wc)}/model",
         name=lambda wc: "scratch" if wc.curve == "scratch" else finetuned(wc),
-        graphs=lambda wc: transfer_graph_dir(),
+        graphs=lambda wc: transfer_graph_dir(wc.split),
         out=lambda wc, output: os.path.dirname(output.test),
-        spec=lambda wc: json.dumps(transfer_spec(), sort_keys=True),
+        spec=lambda wc: json.dumps(transfer_spec(wc.split), sort_keys=True),
     resources:
         gpu=1,
     conda:

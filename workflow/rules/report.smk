@@ -1,5 +1,5 @@
-# The report: Tables 2 and 3, loss curves (Figure 5), attention vs gated (Figure 6) and a parity plot under
-# results/report/; `snakemake --report results/<config>/report.html` gathers them into one HTML page.
+# The report: Tables 2 and 3, loss curves (Figure 5), attention vs gated (Figure 6), a parity plot, the transfer
+# matrix over every target and each target's table (targets/<split>.{csv,md}) under results/report/; `snakemake --report results/<config>/report.html` gathers them into one HTML page.
 
 
 rule report:
@@ -17,13 +17,21 @@ rule report:
         fig6=report_figure6_outputs(),
         curves=report_curves_outputs(),
         parity=report(f"{RESULTS}/report/parity_best.png", caption="../report/parity.rst", category="Figures"),
+        matrix=report(
+            f"{RESULTS}/report/transfer_matrix.png", caption="../report/matrix.rst", category="Figures"
+        ),
+        matrix_csv=report(
+            f"{RESULTS}/report/transfer_matrix.csv", caption="../report/matrix_table.rst", category="Tables"
+        ),
+        matrix_md=f"{RESULTS}/report/transfer_matrix.md",
+        targets=report_target_outputs(),
         summary=f"{RESULTS}/report/summary.json",
     log:
         f"{RESULTS}/logs/report.log",
     benchmark:
         f"{RESULTS}/benchmarks/report.tsv"
     params:
-        spec=lambda wc, input: json.dumps(report_spec(input.results), sort_keys=True),
+        spec=lambda wc: json.dumps(report_spec(), sort_keys=True),
         out=lambda wc, output: os.path.dirname(output.summary),
     conda:
         "../../envs/pipeline.yaml"

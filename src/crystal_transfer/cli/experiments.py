@@ -88,7 +88,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         help="frozen convolutions (0: the embedding alone) or 'crystal' (the pooled crystal vector)")
     frozen.add_argument("--graphs", help="graph folder of the dataset (CGCNN trunks)")
     frozen.add_argument("--table", required=True)
-    frozen.add_argument("--split", required=True, help="split CSV: features are cached for all its crystals")
+    frozen.add_argument("--split", required=True, nargs="+",
+                        help="split CSV(s): features are cached for every crystal of them")
     frozen.add_argument("--out", help="cache file (.pt) of a CGCNN trunk")
     frozen.add_argument("--universal",
                         help='the pretrain entry of a universal potential as JSON, e.g. {"kind": "chgnet"}')

@@ -119,31 +119,24 @@ def curve_plan(config: dict[str, Any]) -> list[Curve]:
 
 
 def universal_levels(config: dict[str, Any]) -> dict[str, list[int | str]]:
-    """Universal potential -> the levels the curves read of it (one featurisation job writes them all)."""
+    """Universal potential -> the levels the curves and the transfer runs read of it (one featurisation job per
+    dataset writes them all)."""
+    from crystal_transfer.experiments.matrix import feature_levels
+
     levels: dict[str, list[int | str]] = {}
-    for curve in curve_plan(config):
-        if curve.mode == "atomsets" and config["pretrain"][curve.source]["kind"] in UNIVERSAL:
-            levels.setdefault(curve.source, []).append(curve.level)
+    wanted = [(c.source, c.level) for c in curve_plan(config) if c.mode == "atomsets"]
+    wanted += [(source, level) for (_, source), found in feature_levels(config).items() for level in found]
+    for source, level in wanted:
+        if config["pretrain"][source]["kind"] in UNIVERSAL and level not in levels.setdefault(source, []):
+            levels[source].append(level)
     return levels
 
 
 def check_config(config: dict[str, Any]) -> None:
-    """What the workflow checks when it reads a config, beyond its schema: the transfer sources, the curve plan
-    and the packages of the universal potentials the curves read (a missing extra stops the run at once)."""
+    """What the workflow checks when it reads a config, beyond its schema: the transfer targets and sources, the
+    curve plan and the packages of the universal potentials they read (a missing extra stops the run at once)."""
+    from crystal_transfer.experiments.matrix import targets
     from crystal_transfer.models.universal import check_installed
 
-    check_transfer_sources(config)
+    targets(config)
     check_installed(config["pretrain"][name]["kind"] for name in universal_levels(config))
-
-
-def check_transfer_sources(config: dict[str, Any]) -> None:
-    """Freeze-and-retrain transfer needs CGCNN trunks: a universal potential in ``transfer.sources`` is refused."""
-    for name in config.get("transfer", {}).get("sources", []):
-        entry = config.get("pretrain", {}).get(name)
-        if entry is None:
-            raise InputError(f"transfer.sources names {name!r}, which is not a model under pretrain")
-        if entry["kind"] in UNIVERSAL:
-            raise InputError(
-                f"transfer.sources: {name} ({UNIVERSAL[entry['kind']].model}) is a universal potential; it serves "
-                "frozen features to AtomSets (learning_curves.sources), not CGCNN layers to freeze"
-            )

@@ -158,15 +158,26 @@ class FeatureSetDataset(Dataset):
         )
 
 
-def run(source: str | Path, depth: int | str, graphs: str | Path, table: str | Path, split: str | Path,
-        out: str | Path, log=print) -> dict[str, Any]:
-    """The ``frozen-features`` stage: cache ``source``'s features at ``depth`` for every crystal of ``split``."""
+def split_ids(splits: str | Path | Sequence[str | Path]) -> list[str]:
+    """Every crystal of one split CSV or several (each once, in first-seen order): a cache serves them all."""
     from crystal_transfer.data.split import read_split
+
+    paths = [splits] if isinstance(splits, (str, Path)) else list(splits)
+    ids: dict[str, None] = {}
+    for path in paths:
+        parts = read_split(path)
+        ids.update(dict.fromkeys(parts["train"] + parts["val"] + parts["test"]))
+    return list(ids)
+
+
+def run(source: str | Path, depth: int | str, graphs: str | Path, table: str | Path,
+        split: str | Path | Sequence[str | Path], out: str | Path, log=print) -> dict[str, Any]:
+    """The ``frozen-features`` stage: cache ``source``'s features at ``depth`` for every crystal of the split
+    CSV(s) ``split``."""
     from crystal_transfer.models.saved import TRANSFER_KEYS, WEIGHTS_FILE, check_graph_settings, load_model
 
     saved = load_model(source)
-    parts = read_split(split)
-    dataset = GraphDataset(graphs, ids=parts["train"] + parts["val"] + parts["test"], table=table)
+    dataset = GraphDataset(graphs, ids=split_ids(split), table=table)
     check_graph_settings(saved.graph_settings, dataset.settings.as_dict(), keys=TRANSFER_KEYS, graphs=graphs)
     cache = compute_frozen_features(saved.model, depth, dataset)
     provenance = {
@@ -189,12 +200,12 @@ def universal_cache_path(out_dir: str | Path, name: str, level: int | str) -> Pa
 
 
 def run_universal(name: str, spec: dict[str, Any], levels: Sequence[int | str], table: str | Path,
-                  split: str | Path, out_dir: str | Path, log=print) -> dict[int | str, dict[str, Any]]:
+                  split: str | Path | Sequence[str | Path], out_dir: str | Path,
+                  log=print) -> dict[int | str, dict[str, Any]]:
     """The ``frozen-features`` stage for a universal potential (``spec["kind"]``: chgnet or sevenn): one pass over
-    every crystal of ``split`` gives the caches of all ``levels`` (each in a CGCNN trunk's cache format, plus the
-    crystals the model rejected) and ``<name>-rejected.csv``."""
+    every crystal of the split CSV(s) ``split`` gives the caches of all ``levels`` (each in a CGCNN trunk's cache
+    format, plus the crystals the model rejected) and ``<name>-rejected.csv``."""
     from crystal_transfer.atomic import write_csv
-    from crystal_transfer.data.split import read_split
     from crystal_transfer.data.table import structures
     from crystal_transfer.models import universal
 
@@ -204,8 +215,7 @@ def run_universal(name: str, spec: dict[str, Any], levels: Sequence[int | str], 
         raise InputError(f"{name} ({source.model}) has no feature level {', '.join(map(str, unknown))}; "
                          f"its levels: {', '.join(map(str, source.levels))}")
     model = universal.extractor(source.kind, spec.get("device", "auto"))
-    parts = read_split(split)
-    ids = parts["train"] + parts["val"] + parts["test"]
+    ids = split_ids(split)
     result = model.features(ids, structures(table, ids), batch_size=int(spec.get("batch_size", 32)), log=log)
     counts = torch.tensor(result.atom_counts, dtype=torch.long)
     atom_offsets = torch.zeros(len(counts) + 1, dtype=torch.long)
@@ -215,7 +225,7 @@ def run_universal(name: str, spec: dict[str, Any], levels: Sequence[int | str], 
         "source_weights_sha256": source.sha256,
         "kind": source.kind,
         "table": str(table),
-        "split": str(split),
+        "split": [str(path) for path in ([split] if isinstance(split, (str, Path)) else split)],
     }
     caches = {}
     for level in levels:

@@ -36,23 +36,45 @@ def mean_curve(metric_files: Sequence[str | Path], column: str) -> tuple[np.ndar
     return epochs, values.mean(axis=0), std
 
 
-def loss_curves_figure(curves: dict[str, Sequence[str | Path]], path: str | Path, title: str) -> None:
-    """Training (dashed) and validation (solid) loss per epoch for each labelled group of runs."""
+def loss_curves_figure(curves: dict[str, Sequence[str | Path]], path: str | Path, title: str,
+                       baseline: str | None = None) -> None:
+    """Small multiples: one panel per labelled group of runs with its training (dashed) and validation (solid)
+    loss per epoch, mean ± std over seeds, and the ``baseline`` group's curves in grey in every panel."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    from matplotlib.ticker import MaxNLocator
+
+    panels = [label for label in curves if label != baseline]
+    columns = min(3, max(1, len(panels)))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.7 * rows + 0.6), sharex=True, sharey=True,
+                             squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for index, (label, files) in enumerate(curves.items()):
-        colour = colours[index % len(colours)]
+
+    def draw(ax, files, colour, label):
         for column, style, suffix in (("train_loss", "--", "train"), ("val_loss", "-", "validation")):
             epochs, mean, std = mean_curve(files, column)
-            ax.plot(epochs, mean, style, color=colour, label=f"{label} ({suffix})")
-            ax.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.15, linewidth=0)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("MSE loss (standardised band gap)")
-    ax.set_title(title)
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+            ax.plot(epochs, mean, style, color=colour, label=f"{label}, {suffix}", linewidth=1.4)
+            ax.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.18, linewidth=0)
+
+    for index, label in enumerate(panels):
+        ax = axes[index // columns][index % columns]
+        if baseline in curves:
+            draw(ax, curves[baseline], "0.6", "scratch")
+        draw(ax, curves[label], colours[index % len(colours)], "transferred")
+        ax.set_title(label, fontsize=9)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if index == 0:
+            ax.legend(fontsize=6.5, loc="upper right")
+    for index in range(len(panels), rows * columns):
+        axes[index // columns][index % columns].set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch")
+    for row in axes:
+        row[0].set_ylabel("MSE loss (standardised)", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     _save(fig, path)
 
 

@@ -17,22 +17,52 @@ from crystal_transfer.report.figures import (
     loss_curves_figure,
     parity_figure,
 )
+from crystal_transfer.report.matrix import matrix_cells, matrix_figure, target_runs, target_table, target_title
 from crystal_transfer.report.tables import read_results, transfer_table, write_table
 
 
 def build_report(spec: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
-    """Write Tables 2 and 3, Figures 5 and 6 and the parity plot from the jobs' files named in ``spec``.
+    """Write Tables 2 and 3, Figures 5 and 6, the parity plot, the transfer matrix and the per-target tables from
+    the jobs' files named in ``spec``.
 
-    ``spec``: ``results`` (every transfer and baseline test.json), ``sources`` ([{name, label, role}]),
-    ``depths``, ``figure_depth``, ``table3`` ({combined, formation_energy, sizes} or null), ``figure6``
-    ({gated, attention: pretrain folders} or null), ``target_unit``.
+    ``spec``: ``results`` (the study target's freeze and baseline test.json), ``sources`` ([{name, label,
+    role}]), ``depths``, ``figure_depth``, ``table3`` ({combined, formation_energy, sizes} or null), ``figure6``
+    ({gated, attention: pretrain folders} or null), ``curves``, ``targets`` ([{split, label, sources, results}]).
     """
     out = Path(out_dir)
     results = read_results(spec["results"])
+    spec = {**spec, "target_unit": results["units"].iloc[0].get(results["target"].iloc[0], "")}
     summary = _tables(spec, results, out)
     _figures(spec, results, out, summary)
+    if spec.get("targets"):
+        summary["matrix"] = _matrix(spec["targets"], out)
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _matrix(targets: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
+    """The transfer matrix (PNG, CSV, Markdown) and each target's table under ``targets/``."""
+    cells = matrix_cells(targets)
+    sources = list({s["name"]: s for target in targets for s in target["sources"]}.values())
+    matrix_figure(cells, targets, sources, str(out / "transfer_matrix.png"))
+    write_table(cells, _matrix_markdown(cells), out / "transfer_matrix.csv", out / "transfer_matrix.md",
+                "Transfer matrix: each source's run chosen on validation, test MAE against scratch")
+    for target in targets:
+        frame, markdown = target_table(target_runs(target["results"]), target["sources"], target_title(target))
+        write_table(frame, markdown, out / "targets" / f"{target['split']}.csv",
+                    out / "targets" / f"{target['split']}.md", f"Transfer to {target_title(target)}, every mode")
+    return cells.to_dict(orient="records")
+
+
+def _matrix_markdown(cells: pd.DataFrame) -> str:
+    lines = ["| target | source | chosen (lowest val MAE) | val MAE | test MAE | scratch | change | p |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in cells.itertuples():
+        p = f"{r.p_value:.3g}" if r.p_value is not None and r.p_value == r.p_value else "–"
+        lines.append(f"| {r.target_title} ({r.unit}) | {r.source_label} | {r.choice} | {r.val_mae:.3f} | "
+                     f"{r.test_mae:.3f} ± {r.test_std:.3f} | {r.scratch_test_mae:.3f} | "
+                     f"{100 * r.relative_change:+.1f} %{' *' if r.better_than_scratch else ''} | {p} |")
+    return "\n".join(lines) + "\n\n`*`: lower than scratch in a one-sided paired t-test over seeds, p < 0.05.\n"
 
 
 def _tables(spec: dict[str, Any], results: pd.DataFrame, out: Path) -> dict[str, Any]:
@@ -87,7 +117,9 @@ def _figures(spec: dict[str, Any], results: pd.DataFrame, out: Path, summary: di
     loss_curves_figure(
         curves,
         out / "fig5_loss_curves.png",
-        f"Band-gap training after transfer ({depth} conv layers frozen), mean ± std over seeds",
+        f"{spec.get('target_label', 'band gap').capitalize()} training after transfer ({depth} conv layers "
+        "frozen) against the baseline from scratch (grey), mean ± std over seeds",
+        baseline="baseline (scratch)",
     )
     if spec.get("figure6"):
         f6 = spec["figure6"]
