@@ -69,7 +69,9 @@ def loss_curves_figure(curves: dict[str, Sequence[str | Path]], path: str | Path
             ax.legend(fontsize=6.5, loc="upper right")
     for index in range(len(panels), rows * columns):
         axes[index // columns][index % columns].set_visible(False)
-    for ax in axes[-1]:
+    for column in range(columns):  # the lowest panel of each column carries the epoch axis
+        ax = axes[(len(panels) - 1 - column) // columns][column]
+        ax.xaxis.set_tick_params(labelbottom=True)
         ax.set_xlabel("epoch")
     for row in axes:
         row[0].set_ylabel("MSE loss (standardised)", fontsize=8)

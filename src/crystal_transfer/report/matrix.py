@@ -119,10 +119,11 @@ def target_table(runs: pd.DataFrame, sources: Sequence[dict[str, Any]], label: s
     n_seeds = runs.groupby(["source", "choice"])["seed"].nunique().max()
     lines += [
         "",
-        f"{label} test MAE ({unit}), mean ± std over {n_seeds} seed(s), one split. freeze k: embedding and first k "
-        "conv layers frozen, the rest re-initialised; fine-tune: every layer trained; AtomSets Lk: a set model on "
-        "the frozen features at level k. **Bold**: the source's choice, the lowest mean validation MAE (the test "
-        f"set takes no part in it). `*`: lower than the baseline in a one-sided paired t-test over seeds, "
+        f"{label} test MAE ({unit or 'no unit'}), mean ± std over {n_seeds} seed(s), one split. "
+        "freeze k: embedding and first k conv layers frozen, the rest re-initialised; "
+        "fine-tune: every layer trained; AtomSets Lk: a set model on the frozen features at level k. "
+        "**Bold**: the source's choice, the lowest mean validation MAE (the test set takes no part in it). "
+        "`*`: lower than the baseline in a one-sided paired t-test over seeds, "
         f"p < {SIGNIFICANCE}.",
     ]
     return pd.DataFrame(records), "\n".join(lines) + "\n"
@@ -167,7 +168,7 @@ def matrix_figure(cells: pd.DataFrame, targets: Sequence[dict[str, Any]], source
     columns = []
     for target in targets:
         row = cells[cells["target"] == target["split"]]
-        scratch = f"\nscratch {row['scratch_test_mae'].iloc[0]:.3g} {row['unit'].iloc[0]}" if len(row) else ""
+        scratch = f"\nscratch {row['scratch_test_mae'].iloc[0]:.3g} {row['unit'].iloc[0]}".rstrip() if len(row) else ""
         columns.append(target_title(target) + scratch)
     ax.set_xticks(range(len(targets)), columns, fontsize=8)
     ax.set_yticks(range(len(sources)), [s["label"] for s in sources], fontsize=8)

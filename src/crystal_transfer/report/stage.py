@@ -59,7 +59,7 @@ def _matrix_markdown(cells: pd.DataFrame) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in cells.itertuples():
         p = f"{r.p_value:.3g}" if r.p_value is not None and r.p_value == r.p_value else "–"
-        lines.append(f"| {r.target_title} ({r.unit}) | {r.source_label} | {r.choice} | {r.val_mae:.3f} | "
+        lines.append(f"| {r.target_title} ({r.unit or 'no unit'}) | {r.source_label} | {r.choice} | {r.val_mae:.3f} | "
                      f"{r.test_mae:.3f} ± {r.test_std:.3f} | {r.scratch_test_mae:.3f} | "
                      f"{100 * r.relative_change:+.1f} %{' *' if r.better_than_scratch else ''} | {p} |")
     return "\n".join(lines) + "\n\n`*`: lower than scratch in a one-sided paired t-test over seeds, p < 0.05.\n"
