@@ -60,7 +60,8 @@ def test_matminer_legacy_source_joins_the_three_tables(matminer_archive: Path, t
     assert summary["read"] == 5698
     assert summary["rejected_by_reason"] == {"element_above_max_z": 540}
     assert summary["kept"] == 5158
-    assert summary["labels"] == {"formation_energy_per_atom": 3444, "K_VRH": 1174, "G_VRH": 1174, "band_gap": 998}
+    assert summary["labels"] == {"formation_energy_per_atom": 3444, "K_VRH": 1174, "G_VRH": 1174, "band_gap": 998,
+                                 "refractive_index": 998}
     table = pq.read_table(tmp_path / "crystals.parquet").to_pandas().set_index("id")
     # dielectric_constant.csv row 0: mp-441, Rb2Te, band gap 1.88 eV, 3 sites.
     assert table.loc["mp-441", "formula"] == "Rb2Te"

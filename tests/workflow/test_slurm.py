@@ -16,8 +16,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 SLURM_TOOLS = ("sbatch", "squeue", "sacct", "scontrol", "sinfo", "srun")
-GPU_RULES = {"pretrain_train", "frozen_features", "transfer", "baseline", "curve_train", "universal_features_chgnet",
-             "universal_features_sevenn"}
+GPU_RULES = {"pretrain_train", "frozen_features", "transfer", "transfer_finetune", "baseline", "curve_train",
+             "universal_features_chgnet", "universal_features_sevenn"}
 # one rule per universal potential a config names (workflow/rules/curves.smk); the profile sets the shipped ones
 UNIVERSAL_RULE = 'f"universal_features_{_name}"'
 

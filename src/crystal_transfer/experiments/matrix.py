@@ -158,7 +158,7 @@ def feature_levels(config: dict[str, Any]) -> dict[tuple[str, str], list[int | s
     """(dataset, source) -> the frozen-feature levels the transfer runs read (freeze with the cache on, and
     atomsets), in first-use order."""
     levels: dict[tuple[str, str], list[int | str]] = {}
-    cache = config["transfer"].get("cache_frozen", True)
+    cache = config.get("transfer", {}).get("cache_frozen", True)
     for target in targets(config):
         for run in runs(config, target):
             if run.mode == "atomsets" or (run.mode == "freeze" and cache):
