@@ -158,13 +158,17 @@ class FeatureSetDataset(Dataset):
         )
 
 
+def split_paths(splits: str | Path | Sequence[str | Path]) -> list[str]:
+    """One split CSV or several, as a list of paths."""
+    return [str(splits)] if isinstance(splits, (str, Path)) else [str(path) for path in splits]
+
+
 def split_ids(splits: str | Path | Sequence[str | Path]) -> list[str]:
     """Every crystal of one split CSV or several (each once, in first-seen order): a cache serves them all."""
     from crystal_transfer.data.split import read_split
 
-    paths = [splits] if isinstance(splits, (str, Path)) else list(splits)
     ids: dict[str, None] = {}
-    for path in paths:
+    for path in split_paths(splits):
         parts = read_split(path)
         ids.update(dict.fromkeys(parts["train"] + parts["val"] + parts["test"]))
     return list(ids)
@@ -225,7 +229,7 @@ def run_universal(name: str, spec: dict[str, Any], levels: Sequence[int | str], 
         "source_weights_sha256": source.sha256,
         "kind": source.kind,
         "table": str(table),
-        "split": [str(path) for path in ([split] if isinstance(split, (str, Path)) else split)],
+        "split": split_paths(split),
     }
     caches = {}
     for level in levels:

@@ -131,11 +131,6 @@ def _check_target(config: dict[str, Any], target: Target, where: str) -> None:
             )
 
 
-def study_target(config: dict[str, Any]) -> Target:
-    """The study's target: the first (Table 2, Table 3, Figure 5 and the learning curves use its split)."""
-    return targets(config)[0]
-
-
 def runs(config: dict[str, Any], target: Target) -> list[Run]:
     """Every run of ``target``: each source by each of its modes at each depth and seed, then the baseline."""
     plan: list[Run] = []

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from crystal_transfer.experiments.matrix import choice_text
+from crystal_transfer.experiments.matrix import MODES, choice_text
 from crystal_transfer.report.tables import SIGNIFICANCE, Cell, paired_p_value, read_results
 
-MODE_ORDER = {"freeze": 0, "finetune": 1, "atomsets": 2, "scratch": 3}
+MODE_ORDER = {mode: index for index, mode in enumerate((*MODES, "scratch"))}
 
 
 def target_runs(paths: Sequence[str]) -> pd.DataFrame:
@@ -49,14 +49,15 @@ def choose(runs: pd.DataFrame, source: str) -> tuple[str, pd.DataFrame] | None:
     return order[0], rows[rows["choice"] == order[0]]
 
 
-def matrix_cells(targets: Sequence[dict[str, Any]]) -> pd.DataFrame:
+def matrix_cells(targets: Sequence[dict[str, Any]], runs_of: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """One row per (target, source) run: the choice, its validation and test MAE, and the comparison with scratch.
 
-    ``targets``: [{split, label, sources: [{name, label}], results: [test.json paths]}] (the report spec's).
+    ``targets``: [{split, label, sources: [{name, label}], results: [test.json paths]}] (the report spec's);
+    ``runs_of``: split -> :func:`target_runs` of its results.
     """
     records = []
     for target in targets:
-        runs = target_runs(target["results"])
+        runs = runs_of[target["split"]]
         scratch = runs[runs["source"] == "scratch"]
         base = _seed_map(scratch)
         base_mean = float(np.mean(list(base.values())))
@@ -65,7 +66,8 @@ def matrix_cells(targets: Sequence[dict[str, Any]]) -> pd.DataFrame:
             if chosen is None:
                 continue
             choice, rows = chosen
-            cell = Cell(_seed_map(rows), paired_p_value(_seed_map(rows), base))
+            values = _seed_map(rows)
+            cell = Cell(values, paired_p_value(values, base))
             records.append({
                 "target": target["split"],
                 "target_label": target["label"],
@@ -108,7 +110,8 @@ def target_table(runs: pd.DataFrame, sources: Sequence[dict[str, Any]], label: s
         cells = []
         for column in columns:
             rows = runs[(runs["source"] == source["name"]) & (runs["choice"] == column)]
-            cell = Cell(_seed_map(rows), paired_p_value(_seed_map(rows), base))
+            values = _seed_map(rows)
+            cell = Cell(values, paired_p_value(values, base))
             record[f"mae {column}"], record[f"std {column}"] = cell.mean, cell.std
             record[f"val {column}"] = float(rows["best_val_mae"].mean()) if len(rows) else math.nan
             record[f"p {column}"] = cell.p_value
@@ -127,6 +130,19 @@ def target_table(runs: pd.DataFrame, sources: Sequence[dict[str, Any]], label: s
         f"p < {SIGNIFICANCE}.",
     ]
     return pd.DataFrame(records), "\n".join(lines) + "\n"
+
+
+def matrix_markdown(cells: pd.DataFrame) -> str:
+    """The matrix as a table: one line per (target, source) cell."""
+    lines = ["| target | source | chosen (lowest val MAE) | val MAE | test MAE | scratch | change | p |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in cells.itertuples():
+        p = f"{r.p_value:.3g}" if r.p_value is not None and r.p_value == r.p_value else "–"
+        lines.append(f"| {r.target_title} ({r.unit or 'no unit'}) | {r.source_label} | {r.choice} | {r.val_mae:.3f} | "
+                     f"{r.test_mae:.3f} ± {r.test_std:.3f} | {r.scratch_test_mae:.3f} | "
+                     f"{100 * r.relative_change:+.1f} %{' *' if r.better_than_scratch else ''} | {p} |")
+    return "\n".join(lines) + (f"\n\n`*`: lower than scratch in a one-sided paired t-test over seeds, "
+                               f"p < {SIGNIFICANCE}.\n")
 
 
 def target_title(target: dict[str, Any]) -> str:

@@ -17,7 +17,14 @@ from crystal_transfer.report.figures import (
     loss_curves_figure,
     parity_figure,
 )
-from crystal_transfer.report.matrix import matrix_cells, matrix_figure, target_runs, target_table, target_title
+from crystal_transfer.report.matrix import (
+    matrix_cells,
+    matrix_figure,
+    matrix_markdown,
+    target_runs,
+    target_table,
+    target_title,
+)
 from crystal_transfer.report.tables import read_results, transfer_table, write_table
 
 
@@ -42,27 +49,17 @@ def build_report(spec: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
 
 def _matrix(targets: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
     """The transfer matrix (PNG, CSV, Markdown) and each target's table under ``targets/``."""
-    cells = matrix_cells(targets)
+    runs_of = {target["split"]: target_runs(target["results"]) for target in targets}  # each test.json read once
+    cells = matrix_cells(targets, runs_of)
     sources = list({s["name"]: s for target in targets for s in target["sources"]}.values())
     matrix_figure(cells, targets, sources, str(out / "transfer_matrix.png"))
-    write_table(cells, _matrix_markdown(cells), out / "transfer_matrix.csv", out / "transfer_matrix.md",
+    write_table(cells, matrix_markdown(cells), out / "transfer_matrix.csv", out / "transfer_matrix.md",
                 "Transfer matrix: each source's run chosen on validation, test MAE against scratch")
     for target in targets:
-        frame, markdown = target_table(target_runs(target["results"]), target["sources"], target_title(target))
+        frame, markdown = target_table(runs_of[target["split"]], target["sources"], target_title(target))
         write_table(frame, markdown, out / "targets" / f"{target['split']}.csv",
                     out / "targets" / f"{target['split']}.md", f"Transfer to {target_title(target)}, every mode")
     return cells.to_dict(orient="records")
-
-
-def _matrix_markdown(cells: pd.DataFrame) -> str:
-    lines = ["| target | source | chosen (lowest val MAE) | val MAE | test MAE | scratch | change | p |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in cells.itertuples():
-        p = f"{r.p_value:.3g}" if r.p_value is not None and r.p_value == r.p_value else "–"
-        lines.append(f"| {r.target_title} ({r.unit or 'no unit'}) | {r.source_label} | {r.choice} | {r.val_mae:.3f} | "
-                     f"{r.test_mae:.3f} ± {r.test_std:.3f} | {r.scratch_test_mae:.3f} | "
-                     f"{100 * r.relative_change:+.1f} %{' *' if r.better_than_scratch else ''} | {p} |")
-    return "\n".join(lines) + "\n\n`*`: lower than scratch in a one-sided paired t-test over seeds, p < 0.05.\n"
 
 
 def _tables(spec: dict[str, Any], results: pd.DataFrame, out: Path) -> dict[str, Any]:
