@@ -67,7 +67,8 @@ def test_conda_environment_parses_and_names_every_import() -> None:
 
 def test_transfer_targets_plan_every_run_and_refuse_what_cannot_work() -> None:
     """configs/mp2018.yaml's transfer plan: band gap first (the study: five CGCNN sources frozen at 3 depths, 5
-    seeds), then five targets by all three modes, the universal potentials by AtomSets only; the single-target
+    seeds, with fine-tuning and AtomSets beside), then five targets by all three modes, the universal potentials by
+    AtomSets only, and no source on a target whose labels it was pretrained on; the single-target
     form still gives one target; and a config naming what cannot work is refused with the key named."""
     import copy
 
@@ -78,8 +79,16 @@ def test_transfer_targets_plan_every_run_and_refuse_what_cannot_work() -> None:
     planned = targets(config)
     assert [t.split for t in planned] == ["band_gap", "fermi_energy", "total_energy", "bulk_modulus",
                                           "shear_modulus", "experimental_enthalpy"]
-    assert planned[0].modes == ("freeze",) and planned[0].label == "band_gap"
-    assert len(runs(config, planned[0])) == 5 * 3 * 5 + 5
+    assert planned[0].modes == ("freeze", "finetune", "atomsets") and planned[0].label == "band_gap"
+    study = runs(config, planned[0])
+    assert len([r for r in study if r.mode == "freeze"]) == 5 * 3 * 5
+    assert len(study) == 5 * 3 * 5 + 5 * 5 + 7 * 5 + 5
+    trained_on = {"total_energy": "energy_per_atom", "bulk_modulus": "K_VRH", "shear_modulus": "G_VRH"}
+    for target in planned[1:]:
+        for source in target.sources:
+            spec = config["pretrain"][source]
+            assert trained_on.get(target.split) not in spec.get("targets", []), (source, target.split)
+            assert not (spec.get("role") in ("bulk_modulus", "shear_modulus", "combined")), (source, target.split)
     moduli = runs(config, planned[3])
     assert {(r.source, r.mode) for r in moduli if r.source in ("chgnet", "sevenn")} == {
         ("chgnet", "atomsets"), ("sevenn", "atomsets")}
@@ -88,7 +97,8 @@ def test_transfer_targets_plan_every_run_and_refuse_what_cannot_work() -> None:
     paths = [r.test_json("R") for r in all_runs(config)]
     assert len(paths) == len(set(paths))
     assert "R/transfer/bulk_modulus/sevenn/atomsets-level5/seed2/test.json" in paths
-    assert "R/transfer/bulk_modulus/combined/finetune/seed0/test.json" in paths
+    assert "R/transfer/bulk_modulus/formation_energy_7042/finetune/seed0/test.json" in paths
+    assert "R/transfer/band_gap/chgnet/atomsets-level4/seed4/test.json" in paths
 
     single = load_config(REPO / "configs" / "paper.yaml")
     assert [(t.split, t.modes) for t in targets(single)] == [("band_gap", ("freeze",))]
