@@ -431,3 +431,53 @@ def test_finetuning_with_layer_lr_decay_gives_each_layer_its_rate() -> None:
     assert [g["lr"] for g in plain.param_groups] == [0.01]
     with pytest.raises(InputError, match="layer_lr_decay"):
         TrainSettings.from_dict({**TRAIN, "layer_lr_decay": 1.5})
+
+
+@pytest.mark.parametrize("monitor", ["val_loss", "val_mae"])
+def test_the_best_epoch_and_early_stopping_follow_the_monitored_figure(matminer_graphs, feature_cache, tmp_path,
+                                                                     monitor) -> None:
+    """The saved epoch is the one of lowest validation loss or MAE, as ``monitor`` says, and patience counts the
+    epochs without a better one of that figure."""
+    command = atomsets_command(matminer_graphs, feature_cache, tmp_path / monitor)
+    spec = {**json.loads(command[command.index("--spec") + 1]), "epochs": 60, "patience": 6, "monitor": monitor}
+    command[command.index("--spec") + 1] = json.dumps(spec)
+    run(command)
+    result = json.loads((tmp_path / monitor / "test.json").read_text())
+    metrics = pd.read_csv(tmp_path / monitor / "metrics.csv")
+    watched = metrics["val_loss" if monitor == "val_loss" else "val_mae_band_gap"]
+    assert result["best_epoch"] == int(metrics["epoch"].iloc[int(watched.to_numpy().argmin())])
+    assert result["best_val_loss"] == pytest.approx(metrics["val_loss"].iloc[result["best_epoch"] - 1])
+    assert result["epochs_trained"] == min(60, result["best_epoch"] + 6)
+
+
+def test_a_wrong_monitor_is_named() -> None:
+    from crystal_transfer.errors import InputError
+    from crystal_transfer.training.trainer import TrainSettings
+
+    with pytest.raises(InputError, match="monitor must be one of val_loss, val_mae, not 'mae'"):
+        TrainSettings.from_dict({"monitor": "mae"})
+
+
+def test_the_label_transform_is_the_one_asked_for(matminer_graphs, feature_cache, tmp_path) -> None:
+    """Shear moduli are standardised on log10 GPa unless a transform says otherwise; ``--transform log10`` makes
+    the CGCNN and the AtomSets stage learn and score log10 band gaps (the dielectric table's are all > 0), and the
+    saved model says so."""
+    from crystal_transfer.experiments.fit import fit_normalizers
+
+    moduli = pd.read_csv(shared("mp2018", "labels.csv"))["G_VRH"].dropna().to_numpy()[:500, None]
+    (default,) = fit_normalizers(moduli, ["G_VRH"], {"G_VRH": "GPa"})
+    (plain,) = fit_normalizers(moduli, ["G_VRH"], {"G_VRH": "GPa"}, {"G_VRH": "identity"})
+    assert default.transform == "log10" and default.mean == pytest.approx(np.log10(moduli).mean(), rel=1e-6)
+    assert plain.transform == "identity" and plain.mean == pytest.approx(moduli.mean(), rel=1e-6)
+    scratch = ["--name", "scratch", "--mode", "scratch", "--seed", "0", "--transform", "log10"]
+    commands = {"cgcnn": transfer_command(matminer_graphs, tmp_path / "cgcnn", *scratch, epochs=1),
+                "atomsets": [*atomsets_command(matminer_graphs, feature_cache, tmp_path / "atomsets"),
+                             "--transform", "log10"]}
+    for name, command in commands.items():
+        run(command)
+        result = json.loads((tmp_path / name / "test.json").read_text())
+        card = json.loads((tmp_path / name / "model" / "model.json").read_text())
+        assert result["units"] == {"band_gap": "log10 eV"} and card["normalizers"]["band_gap"]["transform"] == "log10"
+        predictions = pd.read_csv(tmp_path / name / "predictions.csv")
+        gaps = pd.read_parquet(matminer_graphs["table"], columns=["id", "band_gap"]).set_index("id")["band_gap"]
+        np.testing.assert_allclose(predictions["target"], np.log10(gaps.loc[predictions["id"]]), rtol=1e-5)

@@ -88,12 +88,17 @@ def test_transfer_targets_plan_every_run_and_refuse_what_cannot_work() -> None:
         for source in target.sources:
             spec = config["pretrain"][source]
             assert trained_on.get(target.split) not in spec.get("targets", []), (source, target.split)
-            assert not (spec.get("role") in ("bulk_modulus", "shear_modulus", "combined")), (source, target.split)
+            assert spec.get("role") not in ("bulk_modulus", "shear_modulus", "combined"), (source, target.split)
     moduli = runs(config, planned[3])
     assert {(r.source, r.mode) for r in moduli if r.source in ("chgnet", "sevenn")} == {
         ("chgnet", "atomsets"), ("sevenn", "atomsets")}
     assert len(moduli) == 2 * (3 + 1 + 1) * 3 + 2 * 3 + 3
     assert planned[5].dataset == "oqmd1505" and planned[5].train == {"layer_lr_decay": 0.5}
+    # the moduli are learned on log10 GPa unless a target's transform says otherwise
+    assert [t.transform for t in planned] == ["identity"] * 3 + ["log10"] * 2 + ["identity"]
+    linear = copy.deepcopy(config)
+    linear["transfer"]["targets"][3]["transform"] = "identity"
+    assert targets(linear)[3].transform == "identity"
     paths = [r.test_json("R") for r in all_runs(config)]
     assert len(paths) == len(set(paths))
     assert "R/transfer/bulk_modulus/sevenn/atomsets-level5/seed2/test.json" in paths

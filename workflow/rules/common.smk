@@ -78,6 +78,10 @@ def target_label(wildcards):
     return TARGETS[wildcards.split].label
 
 
+def target_transform(wildcards):
+    return TARGETS[wildcards.split].transform
+
+
 def split_dataset(split):
     return config["splits"][split]["dataset"]
 

@@ -53,13 +53,14 @@ rule curve_atomsets:
         level=r"\d+|crystal",
     params:
         target=target_label,
+        transform=target_transform,
         spec=lambda wc: json.dumps(set_model_spec(config["learning_curves"]), sort_keys=True),
         out=lambda wc, output: os.path.dirname(output.test),
     conda:
         "../../envs/pipeline.yaml"
     shell:
         "python -m crystal_transfer --threads {threads} atomsets --name {wildcards.source} --cache {input.cache} "
-        "--table {input.table} --split {input.split} --target {params.target} --train-size {wildcards.size} "
+        "--table {input.table} --split {input.split} --target {params.target} --transform {params.transform} --train-size {wildcards.size} "
         "--seed {wildcards.seed} --spec {params.spec:q} --out {params.out} > {log} 2>&1"
 
 
@@ -79,6 +80,7 @@ rule curve_train:
         curve=f"scratch|finetune-(?:{model_names('cgcnn')})",
     params:
         target=target_label,
+        transform=target_transform,
         mode=lambda wc: "scratch" if wc.curve == "scratch" else "finetune",
         source=lambda wc: "none" if wc.curve == "scratch" else f"{RESULTS}/models/{finetuned(wc)}/model",
         name=lambda wc: "scratch" if wc.curve == "scratch" else finetuned(wc),
@@ -91,6 +93,6 @@ rule curve_train:
         "../../envs/pipeline.yaml"
     shell:
         "python -m crystal_transfer --threads {threads} transfer --name {params.name} --source {params.source} "
-        "--mode {params.mode} --seed {wildcards.seed} --target {params.target} --train-size {wildcards.size} "
+        "--mode {params.mode} --seed {wildcards.seed} --target {params.target} --transform {params.transform} --train-size {wildcards.size} "
         "--graphs {params.graphs} --table {input.table} --split {input.split} --spec {params.spec:q} "
         "--out {params.out} > {log} 2>&1"

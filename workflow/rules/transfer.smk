@@ -50,6 +50,7 @@ rule transfer:
         depth=r"[1-9]\d*",
     params:
         target=target_label,
+        transform=target_transform,
         source=lambda wc: f"{RESULTS}/models/{wc.source}/model",
         graphs=lambda wc: transfer_graph_dir(wc.split),
         out=lambda wc, output: os.path.dirname(output.test),
@@ -61,7 +62,7 @@ rule transfer:
         "../../envs/pipeline.yaml"
     shell:
         "python -m crystal_transfer --threads {threads} transfer --name {wildcards.source} --source {params.source} --mode freeze "
-        "--depth {wildcards.depth} --seed {wildcards.seed} --target {params.target} "
+        "--depth {wildcards.depth} --seed {wildcards.seed} --target {params.target} --transform {params.transform} "
         "--graphs {params.graphs} --table {input.table} --split {input.split} {params.cache} "
         "--spec {params.spec:q} --out {params.out} > {log} 2>&1"
 
@@ -84,6 +85,7 @@ rule transfer_finetune:
         source=model_names("cgcnn"),
     params:
         target=target_label,
+        transform=target_transform,
         source=lambda wc: f"{RESULTS}/models/{wc.source}/model",
         graphs=lambda wc: transfer_graph_dir(wc.split),
         out=lambda wc, output: os.path.dirname(output.test),
@@ -94,7 +96,7 @@ rule transfer_finetune:
         "../../envs/pipeline.yaml"
     shell:
         "python -m crystal_transfer --threads {threads} transfer --name {wildcards.source} --source {params.source} "
-        "--mode finetune --seed {wildcards.seed} --target {params.target} --graphs {params.graphs} "
+        "--mode finetune --seed {wildcards.seed} --target {params.target} --transform {params.transform} --graphs {params.graphs} "
         "--table {input.table} --split {input.split} --spec {params.spec:q} --out {params.out} > {log} 2>&1"
 
 
@@ -114,13 +116,14 @@ rule transfer_atomsets:
         level=r"\d+|crystal",
     params:
         target=target_label,
+        transform=target_transform,
         spec=lambda wc: json.dumps(set_model_spec(config["transfer"]), sort_keys=True),
         out=lambda wc, output: os.path.dirname(output.test),
     conda:
         "../../envs/pipeline.yaml"
     shell:
         "python -m crystal_transfer --threads {threads} atomsets --name {wildcards.source} --cache {input.cache} "
-        "--table {input.table} --split {input.split} --target {params.target} --seed {wildcards.seed} "
+        "--table {input.table} --split {input.split} --target {params.target} --transform {params.transform} --seed {wildcards.seed} "
         "--spec {params.spec:q} --out {params.out} > {log} 2>&1"
 
 
@@ -139,6 +142,7 @@ rule baseline:
         f"{RESULTS}/benchmarks/baseline-{{split}}-{{seed}}.tsv"
     params:
         target=target_label,
+        transform=target_transform,
         graphs=lambda wc: transfer_graph_dir(wc.split),
         out=lambda wc, output: os.path.dirname(output.test),
         spec=lambda wc: json.dumps(transfer_spec(wc.split), sort_keys=True),
@@ -148,5 +152,5 @@ rule baseline:
         "../../envs/pipeline.yaml"
     shell:
         "python -m crystal_transfer --threads {threads} transfer --name scratch --mode scratch --seed {wildcards.seed} "
-        "--target {params.target} --graphs {params.graphs} --table {input.table} "
+        "--target {params.target} --transform {params.transform} --graphs {params.graphs} --table {input.table} "
         "--split {input.split} --spec {params.spec:q} --out {params.out} > {log} 2>&1"

@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 
 from crystal_transfer.cli.arguments import json_arg, level
+from crystal_transfer.data.labels import TRANSFORMS
 from crystal_transfer.errors import InputError
+
+TRANSFORM_HELP = "learn the label as is (identity) or its log10 (default: log10 for the moduli K_VRH, G_VRH)"
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
@@ -39,7 +42,7 @@ def _cmd_transfer(args: argparse.Namespace) -> int:
 
     transfer.run(
         args.name, args.source, args.mode, args.depth, args.seed, args.target, args.graphs, args.table, args.split,
-        json_arg(args.spec), args.out, train_size=args.train_size, cache=args.cache,
+        json_arg(args.spec), args.out, train_size=args.train_size, cache=args.cache, transform=args.transform,
     )
     return 0
 
@@ -49,7 +52,7 @@ def _cmd_atomsets(args: argparse.Namespace) -> int:
 
     atomsets.run(
         args.name, args.cache, args.table, args.split, args.target, json_arg(args.spec), args.out,
-        seed=args.seed, train_size=args.train_size,
+        seed=args.seed, train_size=args.train_size, transform=args.transform,
     )
     return 0
 
@@ -106,6 +109,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     transfer.add_argument("--depth", type=int, default=0, help="frozen convolutions (mode freeze)")
     transfer.add_argument("--seed", type=int, default=0)
     transfer.add_argument("--target", required=True, help="label to learn, e.g. band_gap")
+    transfer.add_argument("--transform", choices=TRANSFORMS, help=TRANSFORM_HELP)
     transfer.add_argument("--graphs", required=True)
     transfer.add_argument("--table", required=True)
     transfer.add_argument("--split", required=True)
@@ -121,6 +125,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     atomsets.add_argument("--table", required=True)
     atomsets.add_argument("--split", required=True)
     atomsets.add_argument("--target", required=True)
+    atomsets.add_argument("--transform", choices=TRANSFORMS, help=TRANSFORM_HELP)
     atomsets.add_argument("--train-size", type=int, default=0, help="use only the first N training crystals")
     atomsets.add_argument("--seed", type=int, default=0)
     atomsets.add_argument("--spec", default="{}", help="set-model settings as JSON (hidden, pooling, epochs, lr...)")

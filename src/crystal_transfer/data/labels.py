@@ -32,7 +32,9 @@ def unit_of(label: str, extra_units: dict[str, str] | None = None) -> str:
     )
 
 
-# Labels modelled on a log scale (CGCNN trained the moduli on log10 GPa).
+# How a label can be learned (the normaliser standardises the transformed value), and the labels learned on a
+# log scale unless the config says otherwise (CGCNN trained the moduli on log10 GPa).
+TRANSFORMS = ("identity", "log10")
 LOG10_LABELS = frozenset({"K_VRH", "G_VRH"})
 
 

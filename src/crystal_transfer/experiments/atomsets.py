@@ -36,6 +36,7 @@ class SetModelSettings:
     lr: float = 1e-3
     weight_decay: float = 0.0
     patience: int = 50
+    monitor: str = "val_loss"  # what picks the best epoch and what patience watches: val_loss or val_mae
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SetModelSettings:
@@ -55,6 +56,7 @@ class SetModelSettings:
             seed=seed,
             device="cpu",
             patience=self.patience,
+            monitor=self.monitor,
         )
 
 
@@ -71,8 +73,9 @@ def feature_inputs(cache: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(name: str, cache: str | Path, table: str | Path, split: str | Path, target: str, spec: dict[str, Any],
-        out: str | Path, seed: int = 0, train_size: int = 0, log=print) -> dict[str, Any]:
-    """The ``atomsets`` stage: a set model on the cached features of source ``name``, one seed and size."""
+        out: str | Path, seed: int = 0, train_size: int = 0, log=print, transform: str | None = None) -> dict[str, Any]:
+    """The ``atomsets`` stage: a set model on the cached features of source ``name``, one seed and size; the
+    label learned transformed by ``transform`` (identity or log10; default: the label's own)."""
     from crystal_transfer.data.split import read_split
     from crystal_transfer.experiments.frozen_features import load_frozen_features
 
@@ -91,7 +94,8 @@ def run(name: str, cache: str | Path, table: str | Path, split: str | Path, targ
     if len(data["train"]) < 2 or len(data["test"]) == 0:
         raise InputError(f"{cache}: the feature source rejected too many crystals of {split} "
                          f"({len(data['train'])} training and {len(data['test'])} test crystals left)")
-    normalizers = fit_normalizers(data["train"].targets.numpy(), [target], units)
+    normalizers = fit_normalizers(data["train"].targets.numpy(), [target], units,
+                                  {target: transform} if transform else None)
     inputs = feature_inputs(features)
     torch.manual_seed(seed)
     model = SetModel(inputs["feature_width"], settings.hidden, settings.pooling, targets=[target])

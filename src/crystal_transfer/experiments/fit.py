@@ -36,13 +36,16 @@ PREDICTIONS_FILE = "predictions.csv"
 MODEL_DIR = "model"
 
 
-def fit_normalizers(values: np.ndarray, targets: Sequence[str], units: dict[str, str]) -> list[Normalizer]:
-    """One normaliser per target, fitted on the training crystals' labels ``values`` (n, T) only; a target that
-    cannot be standardised (too few labels, all equal, non-positive values under log10) is named."""
+def fit_normalizers(values: np.ndarray, targets: Sequence[str], units: dict[str, str],
+                    transforms: Mapping[str, str] | None = None) -> list[Normalizer]:
+    """One normaliser per target, fitted on the training crystals' labels ``values`` (n, T) only, of the label
+    transformed as ``transforms`` says (default: the label's own, log10 for the moduli); a target that cannot be
+    standardised (too few labels, all equal, non-positive values under log10) is named."""
     normalizers = []
     for i, target in enumerate(targets):
+        transform = (transforms or {}).get(target) or transform_of(target)
         try:
-            normalizers.append(Normalizer.fit(values[:, i], transform_of(target), units.get(target, "")))
+            normalizers.append(Normalizer.fit(values[:, i], transform, units.get(target, "")))
         except InputError as exc:
             labelled = int(np.isfinite(values[:, i]).sum())
             raise InputError(
@@ -82,15 +85,17 @@ def run_training(
     record: dict[str, Any],
     datasets: dict[str, Any] | None = None,
     log=print,
+    transforms: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` on ``split`` and write metrics, test results, predictions and the saved model."""
+    """Train ``model`` on ``split`` and write metrics, test results, predictions and the saved model; labels
+    are learned transformed as ``transforms`` says (default: each label's own, :func:`fit_normalizers`)."""
     targets = list(model.targets)
     units = table_units(table)
     data = datasets or {
         part: GraphDataset(graphs, ids=split[part], targets=targets, table=table) for part in ("train", "val", "test")
     }
     train_graphs = data["train"].graphs if hasattr(data["train"], "graphs") else data["train"]
-    normalizers = fit_normalizers(train_graphs._targets, targets, units)
+    normalizers = fit_normalizers(train_graphs._targets, targets, units, transforms)
     graph_settings = train_graphs.settings
     saved_graph_settings = model_graph_settings(
         model, graph_settings.radius, graph_settings.max_num_nbr, graph_settings.cgcnn_padding
@@ -146,7 +151,8 @@ def train_and_save(
         "test_mae": maes[targets[0]] if len(targets) == 1 else None,
         "test_mae_per_target": maes,
         "units": {
-            t: ("log10 " + units.get(t, "")) if transform_of(t) == "log10" else units.get(t, "") for t in targets
+            t: ("log10 " + units.get(t, "")) if n.transform == "log10" else units.get(t, "")
+            for t, n in zip(targets, normalizers, strict=True)
         },
         "best_epoch": fit["best_epoch"],
         "best_val_loss": fit["val_loss"],

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from crystal_transfer.data.labels import transform_of
 from crystal_transfer.errors import InputError
 from crystal_transfer.models.universal import SOURCES as UNIVERSAL
 
@@ -22,11 +23,13 @@ MODES = ("freeze", "finetune", "atomsets")
 
 @dataclass(frozen=True)
 class Target:
-    """One transfer target: its split plan (which names its folder), label, dataset and what runs on it."""
+    """One transfer target: its split plan (which names its folder), label, dataset, how the label is learned
+    (``transform``: identity or log10) and what runs on it."""
 
     split: str
     label: str
     dataset: str
+    transform: str
     sources: tuple[str, ...]
     modes: tuple[str, ...]
     depths: tuple[int, ...]
@@ -87,8 +90,8 @@ def targets(config: dict[str, Any]) -> list[Target]:
     if section.get("targets") and section.get("split"):
         raise InputError("transfer: give either split (one target) or targets (a list), not both; move "
                          f"split {section['split']!r} into targets")
-    entries = section.get("targets") or ([{"split": section["split"], **(
-        {"target": section["target"]} if section.get("target") else {})}] if section.get("split") else [])
+    single = {key: section[key] for key in ("split", "target", "transform") if section.get(key)}
+    entries = section.get("targets") or ([single] if section.get("split") else [])
     if not entries:
         raise InputError("transfer: name the target's split plan (transfer.split) or list targets (transfer.targets)")
     found: list[Target] = []
@@ -101,10 +104,12 @@ def targets(config: dict[str, Any]) -> list[Target]:
         if any(t.split == split for t in found):
             raise InputError(f"{where}: split {split!r} is listed twice; each target needs its own split plan")
         plan = config["splits"][split]
+        label = entry.get("target") or plan["label"]
         target = Target(
             split=split,
-            label=entry.get("target") or plan["label"],
+            label=label,
             dataset=plan["dataset"],
+            transform=entry.get("transform") or transform_of(label),
             sources=tuple(entry.get("sources", section.get("sources", []))),
             modes=tuple(dict.fromkeys(entry.get("modes", section.get("modes", ["freeze"])))),
             depths=tuple(entry.get("depths", section.get("depths", [1, 2, 3]))),

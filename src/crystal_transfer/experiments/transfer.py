@@ -92,8 +92,10 @@ def run(
     train_size: int = 0,
     cache: str | Path | None = None,
     log=print,
+    transform: str | None = None,
 ) -> dict[str, Any]:
-    """The ``transfer`` stage: train ``source`` transferred by ``mode`` (at ``depth``) on ``target``, one seed."""
+    """The ``transfer`` stage: train ``source`` transferred by ``mode`` (at ``depth``) on ``target``, one seed;
+    the label learned transformed by ``transform`` (identity or log10; default: the label's own)."""
     from crystal_transfer.data.split import read_split
     from crystal_transfer.experiments.frozen_features import CachedFeatureDataset, load_frozen_features
     from crystal_transfer.graphs.dataset import GraphDataset
@@ -132,4 +134,5 @@ def run(
         "train_size": len(parts["train"]),
         "cached": bool(cache),
     }
-    return run_training(model, graphs, table, parts, settings, out, record, datasets=datasets, log=log)
+    return run_training(model, graphs, table, parts, settings, out, record, datasets=datasets, log=log,
+                        transforms={target: transform} if transform else None)

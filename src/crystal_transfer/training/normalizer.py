@@ -8,9 +8,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from crystal_transfer.data.labels import TRANSFORMS
 from crystal_transfer.errors import InputError
-
-TRANSFORMS = ("identity", "log10")
 
 ArrayLike = TypeVar("ArrayLike", torch.Tensor, np.ndarray)
 

@@ -35,6 +35,10 @@ METRICS_FILE = "metrics.csv"
 
 T = TypeVar("T")
 
+# What picks best.pt and what patience watches: the validation loss (MSE of standardised targets, the trainer's
+# criterion) or the validation MAE (original CGCNN keeps the epoch of lowest validation MAE).
+MONITORS = ("val_loss", "val_mae")
+
 
 @dataclass
 class TrainSettings:
@@ -50,12 +54,15 @@ class TrainSettings:
     lr_gamma: float = 0.1
     seed: int = 0
     device: str = "auto"  # "auto": CUDA when available, else CPU
-    patience: int | None = None  # stop after this many epochs without a better validation loss; 0/None: off
+    patience: int | None = None  # stop after this many epochs without a better monitored figure; 0/None: off
+    monitor: str = "val_loss"  # one of MONITORS
     layer_lr_decay: float = 1.0  # finetune: each layer below the head learns at this factor of the one above it
 
     def __post_init__(self) -> None:
         if self.patience is not None and self.patience < 0:
             raise InputError(f"patience must be >= 0 (0 or null: no early stopping), not {self.patience}")
+        if self.monitor not in MONITORS:
+            raise InputError(f"monitor must be one of {', '.join(MONITORS)}, not {self.monitor!r}")
         if not 0 < self.layer_lr_decay <= 1:
             raise InputError(f"layer_lr_decay must be in (0, 1] (1: one learning rate), not {self.layer_lr_decay}")
 
@@ -161,6 +168,9 @@ def _set_aside(path: Path) -> Path:
     return aside
 
 
+_NO_BEST = {"epoch": 0, "val_loss": math.inf, "score": math.inf}
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
 
@@ -253,6 +263,15 @@ class Trainer:
             result[f"mae_{name}"] = float(abs_sum[index] / per_target[index]) if per_target[index] else math.nan
         return result
 
+    def _score(self, val: dict[str, float]) -> float:
+        """The monitored validation figure, lower is better: the loss, or the MAE (with several targets each MAE
+        over its normaliser's std, averaged, so that no unit outweighs another)."""
+        if self.settings.monitor == "val_loss":
+            return val["loss"]
+        scaled = [val[f"mae_{name}"] / n.std for name, n in zip(self.targets, self.normalizers, strict=True)
+                  if not math.isnan(val[f"mae_{name}"])]
+        return sum(scaled) / len(scaled) if scaled else math.inf
+
     # -- checkpoints ----------------------------------------------------------------------------------------
 
     def _save_checkpoint(self, epoch: int, best: dict[str, Any], history: list[dict[str, float]]) -> None:
@@ -271,23 +290,25 @@ class Trainer:
     def _resume(self) -> tuple[int, dict[str, Any], list[dict[str, float]]]:
         path = self.out_dir / CHECKPOINT_FILE
         if not path.is_file():
-            return 0, {"epoch": 0, "val_loss": math.inf}, []
+            return 0, _NO_BEST.copy(), []
         try:
             state = load_tensors(path, f"checkpoint {path}", map_location=self.device)
         except TensorFileError as exc:  # e.g. a kill while the file system wrote it: keep it aside, start afresh
             aside = _set_aside(path)
             self.log(f"{exc}: moved it to {aside.name} and starting this run afresh")
-            return 0, {"epoch": 0, "val_loss": math.inf}, []
+            return 0, _NO_BEST.copy(), []
         # a setting added since the checkpoint was written had its default then
         saved_settings = {**asdict(TrainSettings()), **state.get("settings", {})}
         if state.get("run_fingerprint") != self.run_fingerprint or saved_settings != asdict(self.settings):
             self.log(f"checkpoint {path} belongs to another run (data or settings differ): starting afresh")
-            return 0, {"epoch": 0, "val_loss": math.inf}, []
+            return 0, _NO_BEST.copy(), []
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.log(f"resuming from {path}: epoch {state['epoch']} of {self.settings.epochs} done")
-        return int(state["epoch"]), dict(state["best"]), list(state["history"])
+        # a checkpoint from before ``monitor`` existed monitored the loss (else its settings differ, above)
+        best = {"score": state["best"]["val_loss"], **state["best"]}
+        return int(state["epoch"]), best, list(state["history"])
 
     def _write_metrics(self, history: list[dict[str, float]]) -> None:
         write_csv(self.out_dir / METRICS_FILE, list(history[0]), history)
@@ -295,21 +316,25 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------------------------
 
     def _patience_spent(self, epoch: int, best: dict[str, Any]) -> bool:
-        """Whether early stopping ends the run after ``epoch`` (``patience`` epochs without a better val loss)."""
+        """Whether early stopping ends the run after ``epoch`` (``patience`` epochs without a better monitored
+        validation figure)."""
         patience = self.settings.patience
         return bool(patience) and epoch - best["epoch"] >= patience
 
     def fit(self, train_data: Dataset, val_data: Dataset) -> dict[str, Any]:
         """Train for the configured epochs (resuming if a checkpoint of this run exists), or until ``patience``
-        epochs pass without a better validation loss.
+        epochs pass without a better validation loss or MAE (``monitor``).
 
-        Returns ``{"best_epoch", "val_loss", "history"}``; the best weights are in ``best.pt``.
+        Returns ``{"best_epoch", "val_loss", "history"}`` (the validation loss of the best epoch); the best
+        weights are in ``best.pt``.
         """
         self.out_dir.mkdir(parents=True, exist_ok=True)
         done, best, history = self._resume()
         for epoch in range(done + 1, self.settings.epochs + 1):
             if self._patience_spent(epoch - 1, best):  # checked first, so a resumed run stops where it would have
-                self.log(f"early stop after epoch {epoch - 1}: no better validation loss since epoch {best['epoch']}")
+                watched = "loss" if self.settings.monitor == "val_loss" else "MAE"
+                self.log(f"early stop after epoch {epoch - 1}: no better validation {watched} "
+                         f"since epoch {best['epoch']}")
                 break
             torch.manual_seed(_epoch_seed(self.settings.seed, epoch))
             started = time.perf_counter()
@@ -323,8 +348,9 @@ class Trainer:
                 row[f"val_mae_{name}"] = val[f"mae_{name}"]
             row["seconds"] = round(time.perf_counter() - started, 3)
             history.append(row)
-            if val["loss"] < best["val_loss"]:
-                best = {"epoch": epoch, "val_loss": val["loss"]}
+            score = self._score(val)
+            if score < best["score"]:
+                best = {"epoch": epoch, "val_loss": val["loss"], "score": score}
                 save_tensors(self.model.state_dict(), self.out_dir / BEST_FILE)
             self._write_metrics(history)
             self._save_checkpoint(epoch, best, history)
