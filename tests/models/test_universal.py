@@ -268,3 +268,25 @@ def test_a_checkpoint_whose_bytes_differ_is_refused(tmp_path: Path) -> None:
     )
     run = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, env=subprocess_env())
     assert run.stdout.startswith("InputError ") and "differs from the pinned" in run.stdout, run.stdout + run.stderr
+
+
+def test_exported_universal_features_are_the_caches_rows(featurised: dict) -> None:
+    """Issue #19 item 4: ``features --model chgnet`` on the table gives, per crystal, the mean of the cache's atom
+    rows at that level (and at ``crystal`` CHGNet's own crystal vector); the crystals CHGNet refuses (polonium,
+    the lone atom) keep their row with the reason and null features."""
+    import pandas as pd
+
+    out = featurised["root"] / "export"
+    for level in (3, "crystal"):
+        result = subprocess.run(
+            [sys.executable, "-m", "crystal_transfer", "features", "--model", "chgnet", "--level", str(level),
+             "--input", str(featurised["table"]), "--out", str(out / f"chgnet-{level}.parquet")],
+            capture_output=True, text=True, cwd=REPO, env=subprocess_env())
+        assert result.returncode == 0, result.stderr
+        rows = pd.read_parquet(out / f"chgnet-{level}.parquet").set_index("id")
+        cache = featurised["caches"]["chgnet"][level]
+        assert rows.loc["with_po", "error"].startswith("unsupported_element:")
+        assert rows.loc["lone", "error"].startswith("isolated_atom:") and rows.loc["lone"].iloc[2:].isna().all()
+        for crystal_id in featurised["ids"]:
+            np.testing.assert_allclose(rows.loc[crystal_id].iloc[2:].to_numpy(dtype=float),
+                                       _rows(cache, crystal_id).mean(0), atol=1e-5, rtol=0)

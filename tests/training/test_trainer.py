@@ -481,3 +481,67 @@ def test_the_label_transform_is_the_one_asked_for(matminer_graphs, feature_cache
         predictions = pd.read_csv(tmp_path / name / "predictions.csv")
         gaps = pd.read_parquet(matminer_graphs["table"], columns=["id", "band_gap"]).set_index("id")["band_gap"]
         np.testing.assert_allclose(predictions["target"], np.log10(gaps.loc[predictions["id"]]), rtol=1e-5)
+
+
+def test_exported_features_are_the_models_own_and_round_trip(matminer_graphs, source_model, tmp_path,
+                                                              mp2018_texts) -> None:
+    """Issue #19 item 4: ``features`` writes one row per input crystal; at level ``crystal`` the row is the model's
+    ``crystal_features`` on the pipeline's own graphs, at an atom level the mean of the frozen-feature cache's
+    atom rows (and ``--per-atom`` those rows); a crystal without features keeps its row, its reason and null
+    features; the file round-trips through pandas."""
+    import pyarrow.parquet as pq
+
+    from crystal_transfer.experiments.frozen_features import compute_frozen_features
+    from crystal_transfer.graphs.dataset import GraphDataset
+    from crystal_transfer.models.saved import load_model
+
+    subset = tmp_path / "subset.parquet"
+    pq.write_table(pq.read_table(matminer_graphs["table"]).slice(0, 40), subset)
+    ids = pq.read_table(subset, columns=["id"]).column("id").to_pylist()
+    model = load_model(source_model).model.eval()
+    dataset = GraphDataset(matminer_graphs["graphs"], ids=ids, table=matminer_graphs["table"])
+    batch = dataset.collate([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        expected_crystal = model.crystal_features(batch).numpy()
+    cache = compute_frozen_features(model, 2, dataset)
+    offsets = cache["offsets"].numpy()
+
+    command = [sys.executable, "-m", "crystal_transfer", "features", "--model", str(source_model), "--input",
+               str(subset)]
+    run([*command, "--level", "crystal", "--out", str(tmp_path / "crystal.parquet")])
+    run([*command, "--level", "2", "--out", str(tmp_path / "level2.parquet"), "--per-atom",
+         str(tmp_path / "atoms.parquet")])
+    crystal = pd.read_parquet(tmp_path / "crystal.parquet")
+    assert list(crystal.columns[:3]) == ["id", "n_atoms", "error"] and crystal["id"].tolist() == ids
+    assert (crystal["error"] == "").all()
+    np.testing.assert_allclose(crystal.iloc[:, 3:].to_numpy(), expected_crystal, rtol=1e-5, atol=1e-6)
+    level2 = pd.read_parquet(tmp_path / "level2.parquet")
+    pooled = np.stack([cache["features"][offsets[i]:offsets[i + 1]].numpy().mean(0) for i in range(len(ids))])
+    np.testing.assert_allclose(level2.iloc[:, 3:].to_numpy(), pooled, rtol=1e-5, atol=1e-6)
+    atoms = pd.read_parquet(tmp_path / "atoms.parquet")
+    assert len(atoms) == offsets[-1] and atoms["id"].tolist() == [
+        crystal_id for i, crystal_id in enumerate(ids) for _ in range(offsets[i + 1] - offsets[i])]
+    np.testing.assert_allclose(atoms.iloc[:, 3:].to_numpy(), cache["features"].numpy(), rtol=1e-5, atol=1e-6)
+    assert (level2["n_atoms"].to_numpy() == np.diff(offsets)).all()
+    metadata = json.loads(pq.read_schema(tmp_path / "level2.parquet").metadata[b"crystal_transfer"])
+    assert metadata["level"] == 2 and metadata["width"] == ARCH["atom_fea_len"] and metadata["pooling"] == "mean"
+    assert metadata["source_weights_sha256"] == json.loads((source_model / "model.json").read_text())["weights_sha256"]
+    level2.to_parquet(tmp_path / "again.parquet")
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "again.parquet"), level2)
+
+    folder = tmp_path / "cifs"  # crystals without features keep their row
+    folder.mkdir()
+    cif_ids = list(mp2018_texts)[:5] + [list(mp2018_texts)[-1]]  # the last one holds Bi (Z 83 > max_z 80)
+    for crystal_id in cif_ids:
+        (folder / f"{crystal_id}.cif").write_text(mp2018_texts[crystal_id])
+    (folder / "broken.cif").write_text("not a crystal")
+    run([sys.executable, "-m", "crystal_transfer", "features", "--model", str(source_model), "--input", str(folder),
+         "--level", "1", "--out", str(tmp_path / "folder.parquet")])
+    rows = pd.read_parquet(tmp_path / "folder.parquet").set_index("id")
+    assert sorted(rows.index) == sorted([*cif_ids, "broken"])
+    assert rows.loc["broken", "error"].startswith("unparsable:") and rows.loc[cif_ids[-1], "error"].startswith(
+        "element_above_max_z:")
+    failed = rows.loc[["broken", cif_ids[-1]]]
+    assert failed.iloc[:, 2:].isna().all().all()
+    good = rows.drop(index=["broken", cif_ids[-1]])
+    assert (good["error"] == "").all() and np.isfinite(good.iloc[:, 2:].to_numpy()).all()

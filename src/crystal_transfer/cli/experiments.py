@@ -1,5 +1,5 @@
 """Commands that train or use models: ``pretrain``, ``frozen-features``, ``transfer``, ``atomsets``, ``predict``,
-and ``report``.
+``features`` and ``report``.
 
 Argument parsing only: each command calls the ``run`` function of the module of its name.
 """
@@ -63,6 +63,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     predict.run(
         args.model, args.input, args.out, workers=args.workers, max_z=args.max_z, min_distance=args.min_distance
     )
+    return 0
+
+
+def _cmd_features(args: argparse.Namespace) -> int:
+    from crystal_transfer.experiments import features
+
+    features.run(args.model, args.level, args.input, args.out, per_atom=args.per_atom, max_z=args.max_z,
+                 min_distance=args.min_distance, device=args.device)
     return 0
 
 
@@ -142,6 +150,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     predict.add_argument("--min-distance", type=float, help="refuse crystals with two atoms closer than this, Å "
                          "(default: the model's training data's filters.min_distance, else 0.5)")
     predict.set_defaults(func=_cmd_predict)
+
+    features = sub.add_parser("features", help="export a pretrained model's features of crystals to Parquet")
+    features.add_argument("--model", required=True,
+                          help="saved model folder (CGCNN), or chgnet / sevenn (the universal potentials)")
+    features.add_argument("--level", type=level, required=True,
+                          help="atom features after this many convolutions / interaction blocks, mean-pooled "
+                          "(0: the element embedding), or 'crystal' (the model's own crystal vector)")
+    features.add_argument("--input", required=True, help="CIF/POSCAR folder, .tar/.tar.gz, or crystals.parquet")
+    features.add_argument("--out", required=True, help="Parquet: id, n_atoms, error, f0..f{F-1}, a row per crystal")
+    features.add_argument("--per-atom", help="also write per-atom features here (Parquet: id, atom, Z, f...)")
+    features.add_argument("--device", default="cpu", help="cpu (default), cuda, or auto")
+    features.add_argument("--max-z", type=int, help="refuse crystals with an element above this Z (default: a "
+                          "CGCNN model's training data's filters.max_z, else 80; none for a universal potential)")
+    features.add_argument("--min-distance", type=float, help="refuse crystals with two atoms closer than this, Å "
+                          "(default: the model's training data's filters.min_distance, else 0.5)")
+    features.set_defaults(func=_cmd_features)
 
     report = sub.add_parser("report", help="Tables 2 and 3, loss curves, attention figure, parity plot")
     report.add_argument("--spec", required=True, help="JSON (or @file) naming the jobs' result files")

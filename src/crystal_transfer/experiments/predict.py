@@ -55,8 +55,9 @@ def _table_crystals(path: Path, max_z: int, min_distance: float) -> Iterator[tup
         yield crystal_id, (lattice, frac, numbers)
 
 
-def _crystals(path: Path, max_z: int, min_distance: float) -> Iterator[tuple[str, Crystal | Rejection]]:
-    """(id, crystal or the reason it cannot be used) for every crystal of the input, in its order."""
+def read_crystals(path: Path, max_z: int, min_distance: float) -> Iterator[tuple[str, Crystal | Rejection]]:
+    """(id, crystal or the reason it cannot be used) for every crystal of a user's input (CIF/POSCAR folder,
+    .tar/.tar.gz of them, or a canonical table), in its order."""
     if path.suffix == ".parquet":
         yield from _table_crystals(path, max_z, min_distance)
         return
@@ -76,7 +77,17 @@ def _crystals(path: Path, max_z: int, min_distance: float) -> Iterator[tuple[str
         yield crystal_id, (parsed.lattice, parsed.frac_coords, parsed.numbers)
 
 
-def _graph_model(model_dir: str | Path):
+def graph_item(crystal_id: str, crystal: Crystal, settings: GraphSettings) -> CrystalItem | GraphRejection:
+    """The unlabelled graph of one crystal, or why its graph cannot be built."""
+    lattice, frac, numbers = crystal
+    graph = crystal_graph(lattice, frac, numbers, settings)
+    if isinstance(graph, GraphRejection):
+        return graph
+    return CrystalItem(id=crystal_id, numbers=np.asarray(numbers), nbr_idx=graph.nbr_idx, nbr_dist=graph.nbr_dist,
+                       nbr_count=graph.nbr_count, targets=np.zeros(0, np.float32))
+
+
+def graph_model(model_dir: str | Path):
     """The saved model at ``model_dir``; refused in one line when it takes cached features, not crystal graphs."""
     saved = load_model(model_dir)
     if saved.graph_settings is None:
@@ -99,7 +110,7 @@ def predict_to_csv(
     (``rows``, ``predicted``, ``failed``). ``max_z`` / ``min_distance`` default to the filters of the model's
     training data (its card), else the config's defaults."""
     # long: the rows of one input in order, predicted in batches, with each reason a crystal fails in one place
-    saved = _graph_model(model_dir)
+    saved = graph_model(model_dir)
     filters = saved.training.get("data_filters", {})
     max_z = int(filters.get("max_z", DEFAULT_MAX_Z) if max_z is None else max_z)
     min_distance = float(filters.get("min_distance", DEFAULT_MIN_DISTANCE) if min_distance is None else min_distance)
@@ -131,21 +142,13 @@ def predict_to_csv(
                 rows[position] = rows[position][:1] + [f"{v:.6g}" for v in values] + [""]
 
     with torch.no_grad():
-        for crystal_id, crystal in _crystals(Path(input_path), max_z, min_distance):
+        for crystal_id, crystal in read_crystals(Path(input_path), max_z, min_distance):
             position = len(rows)
             rows.append([crystal_id] + [""] * (len(targets) + 1))
-            if isinstance(crystal, Rejection):
-                fail(position, crystal)
+            item = crystal if isinstance(crystal, Rejection) else graph_item(crystal_id, crystal, settings)
+            if not isinstance(item, CrystalItem):
+                fail(position, item)
                 continue
-            lattice, frac, numbers = crystal
-            graph = crystal_graph(lattice, frac, numbers, settings)
-            if isinstance(graph, GraphRejection):
-                fail(position, graph)
-                continue
-            item = CrystalItem(
-                id=crystal_id, numbers=np.asarray(numbers), nbr_idx=graph.nbr_idx, nbr_dist=graph.nbr_dist,
-                nbr_count=graph.nbr_count, targets=np.zeros(0, np.float32),
-            )
             pending.append((position, item))
             if len(pending) == BATCH:
                 predict(pending)
