@@ -42,6 +42,7 @@ if "transfer" in config:
     include: "workflow/rules/transfer.smk"
     include: "workflow/rules/curves.smk"
     include: "workflow/rules/report.smk"
+    include: "workflow/rules/best.smk"
 
 
 rule all:
@@ -53,4 +54,5 @@ rule all:
             for name, plan in config["splits"].items()
         ],
         [f"{RESULTS}/report/summary.json"] if "transfer" in config else [],
+        [f"{RESULTS}/best/{split}/model_card.json" for split in TARGETS],
     default_target: True

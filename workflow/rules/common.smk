@@ -128,6 +128,11 @@ def transfer_results():
     return [run.test_json(RESULTS) for run in transfer_plan.all_runs(config)]
 
 
+def target_results_of(wildcards):
+    """test.json of every run of one target (its split plan): the candidates of its best model."""
+    return [run.test_json(RESULTS) for run in transfer_plan.runs(config, TARGETS[wildcards.split])]
+
+
 def set_model_spec(section):
     """Set-model settings of an atomsets section (the level is the cache's, not a training setting)."""
     return {k: v for k, v in section.get("atomsets", {}).items() if k != "level"}

@@ -1,5 +1,5 @@
 """Commands that train or use models: ``pretrain``, ``frozen-features``, ``transfer``, ``atomsets``, ``predict``,
-``features`` and ``report``.
+``features``, ``select`` and ``report``.
 
 Argument parsing only: each command calls the ``run`` function of the module of its name.
 """
@@ -71,6 +71,21 @@ def _cmd_features(args: argparse.Namespace) -> int:
 
     features.run(args.model, args.level, args.input, args.out, per_atom=args.per_atom, max_z=args.max_z,
                  min_distance=args.min_distance, device=args.device)
+    return 0
+
+
+def _cmd_select(args: argparse.Namespace) -> int:
+    from crystal_transfer.experiments import select
+
+    select.run(args.name, args.results, args.out, label=args.label)
+    return 0
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from crystal_transfer import init
+
+    init.run(args.structures, args.labels, args.target, id_column=args.id_column, out=args.out or "",
+             unit=args.unit, name=args.name or "")
     return 0
 
 
@@ -166,6 +181,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     features.add_argument("--min-distance", type=float, help="refuse crystals with two atoms closer than this, Å "
                           "(default: the model's training data's filters.min_distance, else 0.5)")
     features.set_defaults(func=_cmd_features)
+
+    init = sub.add_parser("init", help="look at your crystals and labels and write a study config for them")
+    init.add_argument("--structures", required=True, help="CIF/POSCAR folder or .tar/.tar.gz of them")
+    init.add_argument("--labels", required=True, help="CSV with an id column and the property")
+    init.add_argument("--target", required=True, help="the CSV column of the property to learn")
+    init.add_argument("--id-column", default="id", help="the CSV column naming each structure file (default: id)")
+    init.add_argument("--unit", help="the property's unit (default: known for the pipeline's labels, else none)")
+    init.add_argument("--name", help="the study's name: its dataset and results/<name> (default: the CSV's name)")
+    init.add_argument("--out", help="config file to write (default: <name>.yaml)")
+    init.set_defaults(func=_cmd_init)
+
+    select = sub.add_parser("select", help="choose a target's best transferred model on validation MAE and write "
+                            "its seed ensemble")
+    select.add_argument("--name", required=True, help="the target (its split plan's name)")
+    select.add_argument("--results", required=True, nargs="+", help="test.json of every candidate run")
+    select.add_argument("--label", default="", help="the target's label as figures name it")
+    select.add_argument("--out", required=True, help="output folder, e.g. results/best/band_gap")
+    select.set_defaults(func=_cmd_select)
 
     report = sub.add_parser("report", help="Tables 2 and 3, loss curves, attention figure, parity plot")
     report.add_argument("--spec", required=True, help="JSON (or @file) naming the jobs' result files")

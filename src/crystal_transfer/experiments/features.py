@@ -41,7 +41,7 @@ METADATA_KEY = b"crystal_transfer"
 MAX_Z = 118
 
 
-class _Features:
+class CrystalFeatures:
     """Per crystal of the input (by position): its atom count and pooled features, or why it has none; per atom
     (when asked for) the atom features of each crystal that has them."""
 
@@ -84,7 +84,7 @@ def _cgcnn_features(model: CGCNN, level: int | str, items: list[CrystalItem], cg
     return pooled, list(torch.split(atoms.cpu(), sizes))
 
 
-def _from_cgcnn(model_dir: str | Path, level: int | str, input_path: Path, found: _Features,
+def _from_cgcnn(model_dir: str | Path, level: int | str, input_path: Path, found: CrystalFeatures,
                 max_z: int | None, min_distance: float | None, device: str) -> dict[str, Any]:
     from crystal_transfer.training.trainer import pick_device
 
@@ -133,7 +133,7 @@ def _from_cgcnn(model_dir: str | Path, level: int | str, input_path: Path, found
             "graph_settings": gs, "pooling": "none" if level == "crystal" else "mean"}
 
 
-def _from_universal(kind: str, level: int | str, input_path: Path, found: _Features, max_z: int | None,
+def _from_universal(kind: str, level: int | str, input_path: Path, found: CrystalFeatures, max_z: int | None,
                     min_distance: float | None, device: str, log) -> dict[str, Any]:
     from pymatgen.core import Lattice, Structure
 
@@ -190,6 +190,19 @@ def _write(path: Path, columns: dict[str, Any], width: int, features: Sequence[n
         pq.write_table(table, tmp)
 
 
+def collect_features(model: str | Path, level: int | str, input_path: str | Path, per_atom: bool = False,
+                     max_z: int | None = None, min_distance: float | None = None, device: str = "cpu",
+                     log=print) -> tuple[CrystalFeatures, dict[str, Any]]:
+    """The features of ``model`` (a saved CGCNN folder, or ``chgnet`` / ``sevenn``) at ``level`` for every crystal
+    of ``input_path``, in memory, and their provenance."""
+    found = CrystalFeatures(per_atom=per_atom)
+    if str(model) in SOURCES:
+        provenance = _from_universal(str(model), level, Path(input_path), found, max_z, min_distance, device, log)
+    else:
+        provenance = _from_cgcnn(model, level, Path(input_path), found, max_z, min_distance, device)
+    return found, provenance
+
+
 def export_features(model: str | Path, level: int | str, input_path: str | Path, out: str | Path,
                     per_atom: str | Path | None = None, max_z: int | None = None, min_distance: float | None = None,
                     device: str = "cpu", log=print) -> dict[str, int]:
@@ -199,11 +212,7 @@ def export_features(model: str | Path, level: int | str, input_path: str | Path,
     input_path = Path(input_path)
     if per_atom and level == "crystal":
         raise InputError("per-atom features need an atom level (0..n); 'crystal' is one vector per crystal")
-    found = _Features(per_atom=bool(per_atom))
-    if str(model) in SOURCES:
-        provenance = _from_universal(str(model), level, input_path, found, max_z, min_distance, device, log)
-    else:
-        provenance = _from_cgcnn(model, level, input_path, found, max_z, min_distance, device)
+    found, provenance = collect_features(model, level, input_path, bool(per_atom), max_z, min_distance, device, log)
     width = next((len(f) for f in found.pooled if f is not None), 0)
     metadata = {**provenance, "level": level, "width": width}
     counts = [len(n) if n is not None else None for n in found.numbers]

@@ -10,8 +10,10 @@ without CGCNN features, or a non-finite output. Nothing is dropped silently.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -160,6 +162,65 @@ def predict_to_csv(
     return {"rows": len(rows), "predicted": len(rows) - failed, "failed": failed}
 
 
+def _set_model_predictions(bundle: Path, card: dict[str, Any], input_path: str | Path, max_z: int | None,
+                           min_distance: float | None) -> tuple[list[str], list[str], np.ndarray]:
+    """(ids, errors, (members, crystals) physical predictions) of an ensemble of set models: the crystals are
+    featurised once by the members' source (the CGCNN trunk in ``source/``, or the universal potential)."""
+    from crystal_transfer.experiments.features import collect_features
+    from crystal_transfer.models.set_model import FeatureBatch
+
+    source = card["source"]
+    found, _ = collect_features(bundle / source["path"] if source["kind"] == "cgcnn" else source["kind"],
+                                source["level"], input_path, per_atom=True, max_z=max_z, min_distance=min_distance)
+    positions = [p for p in range(len(found.ids)) if not found.errors[p]]
+    values = np.full((len(card["members"]), len(found.ids)), np.nan)
+    for index, member in enumerate(card["members"]):
+        saved = load_model(bundle / member["path"])
+        for start in range(0, len(positions), BATCH):
+            part = positions[start:start + BATCH]
+            rows = [torch.from_numpy(found.atoms[p]) for p in part]
+            sizes = torch.tensor([len(r) for r in rows])
+            batch = FeatureBatch(torch.cat(rows), torch.repeat_interleave(torch.arange(len(part)), sizes), len(part),
+                                 torch.zeros(len(part), 0), [found.ids[p] for p in part])
+            values[index, part] = saved.predict(batch)[card["target"]].numpy()
+    return found.ids, found.errors, values
+
+
+def predict_ensemble(bundle: str | Path, input_path: str | Path, out: str | Path, max_z: int | None = None,
+                     min_distance: float | None = None) -> dict[str, int]:
+    """Write ``id, prediction, std, error`` for every crystal of ``input_path``: the mean and the spread (std over
+    the members, population form) of a seed ensemble written by the ``select`` stage, in physical units."""
+    import tempfile
+
+    import pandas as pd
+
+    from crystal_transfer.experiments.select import ENSEMBLE_CARD
+
+    bundle = Path(bundle)
+    card = json.loads((bundle / ENSEMBLE_CARD).read_text())
+    if card.get("source"):
+        ids, errors, values = _set_model_predictions(bundle, card, input_path, max_z, min_distance)
+    else:
+        frames = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for member in card["members"]:
+                path = Path(tmp) / f"{member['seed']}.csv"
+                predict_to_csv(bundle / member["path"], input_path, path, max_z=max_z, min_distance=min_distance)
+                frames.append(pd.read_csv(path, keep_default_na=False, dtype=str))
+        ids, errors = frames[0]["id"].tolist(), frames[0]["error"].tolist()
+        values = np.array([pd.to_numeric(f.iloc[:, 1], errors="coerce").to_numpy() for f in frames], dtype=float)
+    rows = []
+    for position, crystal_id in enumerate(ids):
+        column = values[:, position]
+        if errors[position] or not np.isfinite(column).all():
+            rows.append([crystal_id, "", "", errors[position] or f"{NON_FINITE_PREDICTION}: members gave {column}"])
+        else:
+            rows.append([crystal_id, f"{column.mean():.6g}", f"{column.std():.6g}", ""])
+    write_csv(out, ["id", "prediction", "std", "error"], rows)
+    failed = sum(1 for row in rows if row[-1])
+    return {"rows": len(rows), "predicted": len(rows) - failed, "failed": failed, "members": len(values)}
+
+
 def run(
     model: str | Path,
     input_path: str | Path,
@@ -169,8 +230,14 @@ def run(
     min_distance: float | None = None,
     log=print,
 ) -> dict[str, int]:
-    """The ``predict`` command: predictions of a saved model for every crystal of ``input_path``."""
-    counts = predict_to_csv(model, input_path, out, workers=workers, max_z=max_z, min_distance=min_distance)
+    """The ``predict`` command: predictions of a saved model, or of a seed ensemble (``results/best/<target>``:
+    mean and std over its members), for every crystal of ``input_path``."""
+    from crystal_transfer.experiments.select import ENSEMBLE_CARD
+
+    if (Path(model) / ENSEMBLE_CARD).is_file():
+        counts = predict_ensemble(model, input_path, out, max_z=max_z, min_distance=min_distance)
+    else:
+        counts = predict_to_csv(model, input_path, out, workers=workers, max_z=max_z, min_distance=min_distance)
     failed = f", {counts['failed']} without a prediction (reason in the error column)" if counts["failed"] else ""
     log(f"wrote {counts['rows']} rows -> {out}: {counts['predicted']} predicted{failed}")
     return counts

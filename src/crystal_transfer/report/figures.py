@@ -152,4 +152,38 @@ def parity_figure(
     _save(fig, path)
 
 
+def ensemble_figures(frame: pd.DataFrame, bins: pd.DataFrame, parity: str | Path, calibration: str | Path,
+                     title: str, unit: str, label: str) -> None:
+    """A seed ensemble on the test set: the parity plot of its mean with the std as error bars, and its
+    calibration (``bins``: per equal-count bin of std, the mean std, mean |error| and RMS error)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.8, 4.8))
+    ax.errorbar(frame["target"], frame["prediction"], yerr=frame["std"], fmt="o", ms=3, alpha=0.5, elinewidth=0.6)
+    low = float(min(frame["target"].min(), frame["prediction"].min()))
+    high = float(max(frame["target"].max(), frame["prediction"].max()))
+    ax.plot([low, high], [low, high], color="black", linewidth=1)
+    mae = float((frame["target"] - frame["prediction"]).abs().mean())
+    ax.set_xlabel(f"{label} ({unit})" if unit else label)
+    ax.set_ylabel(f"ensemble mean ± std ({unit})" if unit else "ensemble mean ± std")
+    ax.set_title(f"{title}\nensemble test MAE {mae:.3f} {unit}, {len(frame)} test crystals", fontsize=9)
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    _save(fig, parity)
+
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    ax.plot(bins["std"], bins["mae"], "o-", label="mean |error|")
+    ax.plot(bins["std"], bins["rmse"], "s--", label="RMS error")
+    top = float(max(bins["std"].max(), bins["rmse"].max())) * 1.05
+    ax.plot([0, top], [0, top], color="grey", linewidth=1, label="error = std")
+    ax.plot([0, top], [0, top * np.sqrt(2 / np.pi)], color="grey", linewidth=1, linestyle=":",
+            label="|error| of a Gaussian with this std")
+    ax.set_xlabel(f"ensemble std over seeds ({unit})" if unit else "ensemble std over seeds")
+    ax.set_ylabel(f"test error ({unit})" if unit else "test error")
+    ax.set_title(f"{title}\ncalibration: {len(frame)} test crystals in {len(bins)} equal-count bins of std",
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    _save(fig, calibration)
+
+
 # -- the report stage ----------------------------------------------------------------------------------------

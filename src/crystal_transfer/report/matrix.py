@@ -15,10 +15,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from crystal_transfer.experiments.matrix import MODES, choice_text
+from crystal_transfer.experiments.matrix import choice_text
+from crystal_transfer.experiments.select import MODE_ORDER, rank_candidates
 from crystal_transfer.report.tables import SIGNIFICANCE, Cell, paired_p_value, read_results
-
-MODE_ORDER = {mode: index for index, mode in enumerate((*MODES, "scratch"))}
 
 
 def target_runs(paths: Sequence[str]) -> pd.DataFrame:
@@ -44,9 +43,8 @@ def choose(runs: pd.DataFrame, source: str) -> tuple[str, pd.DataFrame] | None:
     rows = runs[runs["source"] == source]
     if rows.empty:
         return None
-    val = rows.groupby("choice")["best_val_mae"].mean()
-    order = sorted(val.index, key=lambda c: (val[c], MODE_ORDER[rows[rows["choice"] == c]["mode"].iloc[0]], c))
-    return order[0], rows[rows["choice"] == order[0]]
+    choice = rank_candidates(rows).iloc[0]["choice"]
+    return choice, rows[rows["choice"] == choice]
 
 
 def matrix_cells(targets: Sequence[dict[str, Any]], runs_of: dict[str, pd.DataFrame]) -> pd.DataFrame:
