@@ -190,6 +190,22 @@ def _write(path: Path, columns: dict[str, Any], width: int, features: Sequence[n
         pq.write_table(table, tmp)
 
 
+def set_model_source(inputs: dict[str, Any]) -> str | Path:
+    """What featurises new crystals for a set model saved with ``inputs`` (its card's): the CGCNN trunk's saved
+    folder when it is still there with the weights the model was trained on, else the universal potential whose
+    pinned checkpoint has those weights; an :class:`InputError` when neither."""
+    folder = Path(str(inputs.get("source", "")))
+    sha = inputs.get("source_weights_sha256")
+    if (folder / "weights.pt").is_file() and sha256_file(folder / "weights.pt") == sha:
+        return folder
+    kind = next((kind for kind, source in SOURCES.items() if source.sha256 == sha), None)
+    if kind is None:
+        raise InputError(f"the set model's feature source {inputs.get('source')!r} (weights sha256 {sha}) is neither "
+                         "a saved model folder with those weights nor a known universal potential: it is needed to "
+                         "featurise new crystals")
+    return kind
+
+
 def collect_features(model: str | Path, level: int | str, input_path: str | Path, per_atom: bool = False,
                      max_z: int | None = None, min_distance: float | None = None, device: str = "cpu",
                      log=print) -> tuple[CrystalFeatures, dict[str, Any]]:

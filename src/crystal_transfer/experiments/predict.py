@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -162,28 +161,50 @@ def predict_to_csv(
     return {"rows": len(rows), "predicted": len(rows) - failed, "failed": failed}
 
 
-def _set_model_predictions(bundle: Path, card: dict[str, Any], input_path: str | Path, max_z: int | None,
-                           min_distance: float | None) -> tuple[list[str], list[str], np.ndarray]:
-    """(ids, errors, (members, crystals) physical predictions) of an ensemble of set models: the crystals are
-    featurised once by the members' source (the CGCNN trunk in ``source/``, or the universal potential)."""
+def set_model_predictions(source: str | Path, level: int | str, members: list[Path], target: str,
+                          input_path: str | Path, max_z: int | None, min_distance: float | None
+                          ) -> tuple[list[str], list[str], np.ndarray]:
+    """(ids, errors, (members, crystals) physical predictions) of set models on the features of ``source`` (a
+    CGCNN trunk's folder or a universal potential's kind) at ``level``: the crystals are featurised once."""
     from crystal_transfer.experiments.features import collect_features
     from crystal_transfer.models.set_model import FeatureBatch
 
-    source = card["source"]
-    found, _ = collect_features(bundle / source["path"] if source["kind"] == "cgcnn" else source["kind"],
-                                source["level"], input_path, per_atom=True, max_z=max_z, min_distance=min_distance)
+    found, _ = collect_features(source, level, input_path, per_atom=True, max_z=max_z, min_distance=min_distance)
     positions = [p for p in range(len(found.ids)) if not found.errors[p]]
-    values = np.full((len(card["members"]), len(found.ids)), np.nan)
-    for index, member in enumerate(card["members"]):
-        saved = load_model(bundle / member["path"])
+    values = np.full((len(members), len(found.ids)), np.nan)
+    for index, member in enumerate(members):
+        saved = load_model(member)
         for start in range(0, len(positions), BATCH):
             part = positions[start:start + BATCH]
             rows = [torch.from_numpy(found.atoms[p]) for p in part]
             sizes = torch.tensor([len(r) for r in rows])
             batch = FeatureBatch(torch.cat(rows), torch.repeat_interleave(torch.arange(len(part)), sizes), len(part),
                                  torch.zeros(len(part), 0), [found.ids[p] for p in part])
-            values[index, part] = saved.predict(batch)[card["target"]].numpy()
+            values[index, part] = saved.predict(batch)[target].numpy()
     return found.ids, found.errors, values
+
+
+def predict_set_model(model_dir: str | Path, input_path: str | Path, out: str | Path, max_z: int | None = None,
+                      min_distance: float | None = None) -> dict[str, int]:
+    """Write ``id, <target> (unit), error`` for every crystal of ``input_path`` with a set model (AtomSets): the
+    crystals are featurised by its source first (:func:`~crystal_transfer.experiments.features.set_model_source`)."""
+    from crystal_transfer.experiments.features import set_model_source
+
+    saved = load_model(model_dir)
+    targets = list(saved.model.targets)
+    ids, errors, values = set_model_predictions(set_model_source(saved.inputs), saved.inputs["level"],
+                                                [Path(model_dir)], targets[0], input_path, max_z, min_distance)
+    unit = saved.normalizers[targets[0]].unit
+    rows = []
+    for position, crystal_id in enumerate(ids):
+        value = float(values[0, position])
+        if errors[position] or not np.isfinite(value):
+            rows.append([crystal_id, "", errors[position] or f"{NON_FINITE_PREDICTION}: the model's output is {value}"])
+        else:
+            rows.append([crystal_id, f"{value:.6g}", ""])
+    write_csv(out, ["id", f"{targets[0]} ({unit})" if unit else targets[0], "error"], rows)
+    failed = sum(1 for row in rows if row[-1])
+    return {"rows": len(rows), "predicted": len(rows) - failed, "failed": failed}
 
 
 def predict_ensemble(bundle: str | Path, input_path: str | Path, out: str | Path, max_z: int | None = None,
@@ -198,14 +219,18 @@ def predict_ensemble(bundle: str | Path, input_path: str | Path, out: str | Path
 
     bundle = Path(bundle)
     card = json.loads((bundle / ENSEMBLE_CARD).read_text())
+    members = [bundle / member["path"] for member in card["members"]]
     if card.get("source"):
-        ids, errors, values = _set_model_predictions(bundle, card, input_path, max_z, min_distance)
+        source = card["source"]
+        ids, errors, values = set_model_predictions(
+            bundle / source["path"] if source["kind"] == "cgcnn" else source["kind"], source["level"], members,
+            card["target"], input_path, max_z, min_distance)
     else:
         frames = []
         with tempfile.TemporaryDirectory() as tmp:
-            for member in card["members"]:
-                path = Path(tmp) / f"{member['seed']}.csv"
-                predict_to_csv(bundle / member["path"], input_path, path, max_z=max_z, min_distance=min_distance)
+            for index, member in enumerate(members):
+                path = Path(tmp) / f"{index}.csv"
+                predict_to_csv(member, input_path, path, max_z=max_z, min_distance=min_distance)
                 frames.append(pd.read_csv(path, keep_default_na=False, dtype=str))
         ids, errors = frames[0]["id"].tolist(), frames[0]["error"].tolist()
         values = np.array([pd.to_numeric(f.iloc[:, 1], errors="coerce").to_numpy() for f in frames], dtype=float)
@@ -236,6 +261,8 @@ def run(
 
     if (Path(model) / ENSEMBLE_CARD).is_file():
         counts = predict_ensemble(model, input_path, out, max_z=max_z, min_distance=min_distance)
+    elif load_model(model).inputs:  # a set model on a source's features
+        counts = predict_set_model(model, input_path, out, max_z=max_z, min_distance=min_distance)
     else:
         counts = predict_to_csv(model, input_path, out, workers=workers, max_z=max_z, min_distance=min_distance)
     failed = f", {counts['failed']} without a prediction (reason in the error column)" if counts["failed"] else ""

@@ -27,6 +27,7 @@ import pandas as pd
 
 from crystal_transfer.atomic import write_csv, write_json
 from crystal_transfer.errors import InputError
+from crystal_transfer.experiments.features import set_model_source
 from crystal_transfer.experiments.matrix import MODES, choice_text
 from crystal_transfer.report.figures import ensemble_figures
 
@@ -119,20 +120,14 @@ def run(name: str, results: Sequence[str | Path], out: str | Path, label: str = 
     inputs = member_cards[0].get("inputs")
     source: dict[str, Any] | None = None
     if inputs:  # a set model on frozen features: it needs its source to featurise new crystals
-        trunk = Path(str(inputs.get("source", "")))
-        if (trunk / "model.json").is_file():
+        found = set_model_source(inputs)
+        if isinstance(found, Path):
             if (out / "source").exists():
                 shutil.rmtree(out / "source")
-            shutil.copytree(trunk, out / "source")
+            shutil.copytree(found, out / "source")
             source = {"kind": "cgcnn", "path": "source", "level": inputs["level"]}
         else:
-            from crystal_transfer.models.universal import SOURCES
-
-            kind = next((k for k, s in SOURCES.items() if s.sha256 == inputs.get("source_weights_sha256")), None)
-            if kind is None:
-                raise InputError(f"the set model's source {inputs.get('source')!r} is neither a saved model folder "
-                                 "nor a known universal potential")
-            source = {"kind": kind, "level": inputs["level"]}
+            source = {"kind": found, "level": inputs["level"]}
     predictions = _members_predictions(chosen)
     seeds = [c for c in predictions.columns if c.startswith("seed")]
     values = predictions[seeds].to_numpy()
