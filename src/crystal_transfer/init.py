@@ -142,7 +142,10 @@ def run(structures: str | Path, labels: str | Path, target: str, id_column: str 
         raise InputError(f"no kept crystal has a finite {target!r} label: check --target and --id-column")
     transform, why = _transform(key, values)
     log(f"{target}: mean {values.mean():.4g}, std {values.std():.4g}, min {values.min():.4g}, "
-        f"median {np.median(values):.4g}, max {values.max():.4g} {unit}; {why}")
+        f"median {np.median(values):.4g}, max {values.max():.4g}{' ' + unit if unit else ''}; {why}")
+    if not unit and key not in KNOWN_UNITS:
+        log(f"no unit given for {target}: written as dimensionless; pass --unit (e.g. --unit eV/atom) to have "
+            "tables and figures name it")
     universal = []
     for kind in SOURCES:
         try:
