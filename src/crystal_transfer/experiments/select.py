@@ -97,8 +97,6 @@ def _depth(depth: Any) -> int | str:
 
 def _copy_member(run_dir: str, dest: Path) -> dict[str, Any]:
     card = json.loads((Path(run_dir) / "model" / "model.json").read_text())
-    if dest.exists():
-        shutil.rmtree(dest)
     shutil.copytree(Path(run_dir) / "model", dest)
     return card
 
@@ -113,6 +111,7 @@ def run(name: str, results: Sequence[str | Path], out: str | Path, label: str = 
     best = ranked.iloc[0]
     chosen = runs[(runs["source"] == best["source"]) & (runs["choice"] == best["choice"])].sort_values("seed")
     out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "members", ignore_errors=True)  # a previous choice's members must not linger
     members, member_cards = [], []
     for row in chosen.itertuples():
         member_cards.append(_copy_member(row.run_dir, out / "members" / f"seed{row.seed}"))
@@ -135,7 +134,7 @@ def run(name: str, results: Sequence[str | Path], out: str | Path, label: str = 
                           "prediction": values.mean(1), "std": values.std(1)})
     error = (frame["prediction"] - frame["target"]).to_numpy()
     bins = calibration_bins(error, frame["std"].to_numpy())
-    unit = str(best_unit) if (best_unit := chosen["unit"].iloc[0]) else ""
+    unit = str(chosen["unit"].iloc[0] or "")
     write_csv(out / "test_predictions.csv", ["id", "target", "prediction", "std"],
               [(i, f"{t:.6g}", f"{p:.6g}", f"{s:.6g}") for i, t, p, s in frame.itertuples(index=False)])
     title = f"{label or name}: {best['source']}, {best['choice']} ({len(members)} seeds)"
