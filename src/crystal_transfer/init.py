@@ -4,14 +4,13 @@ It runs the data stage on the files (so every crystal the pipeline would reject 
 reasons and messages), describes what is there (files, formats, labels, rejections), and writes a config whose
 split is sized to the labelled crystals that are kept, whose sources and modes fit that size, and whose single
 transfer target ends in ``results/best/<target>/``: the seed ensemble chosen on validation. It prints the command
-that runs it.
+that runs it. The inspection's table, rejections and summary stay in ``<config>-inspection/``.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -127,17 +126,18 @@ def run(structures: str | Path, labels: str | Path, target: str, id_column: str 
     spec = {"sources": [{"type": "local", "name": name, "path": str(structures), "labels": str(labels),
                          "id_column": id_column, "columns": {key: target}, "units": {key: unit}}],
             "filters": {"max_z": 80, "max_rejected_fraction": 1.0}}
-    with tempfile.TemporaryDirectory() as tmp:
-        summary = build_dataset(name, spec, tmp, workers=workers or None, log=lambda _: None)
-        frame = read_table(Path(tmp) / "crystals.parquet", columns=["id", key]).to_pandas()
+    inspection = out.with_name(f"{out.stem}-inspection")  # the data stage's record, kept for the user to read
+    summary = build_dataset(name, spec, inspection, workers=workers or None, log=lambda _: None)
+    frame = read_table(inspection / "crystals.parquet", columns=["id", key]).to_pandas()
     values = frame[key].to_numpy(dtype=float)
     values = values[np.isfinite(values)]
     reasons = Counter(summary["rejected_by_reason"])
     log(f"{labels}: {summary['read']} crystals read, {summary['kept']} kept, {len(values)} of them labelled with "
         f"{target}")
     if reasons:
-        log("rejected (as the data stage will record them in rejected.csv): "
-            + ", ".join(f"{reason} {count}" for reason, count in reasons.most_common()))
+        log("rejected (as the pipeline's data stage will record them): "
+            + ", ".join(f"{reason} {count}" for reason, count in reasons.most_common())
+            + f"; each with its message in {inspection / 'rejected.csv'}")
     if len(values) == 0:
         raise InputError(f"no kept crystal has a finite {target!r} label: check --target and --id-column")
     transform, why = _transform(key, values)
