@@ -545,3 +545,23 @@ def test_exported_features_are_the_models_own_and_round_trip(matminer_graphs, so
     assert failed.iloc[:, 2:].isna().all().all()
     good = rows.drop(index=["broken", cif_ids[-1]])
     assert (good["error"] == "").all() and np.isfinite(good.iloc[:, 2:].to_numpy()).all()
+
+
+def test_the_monitored_figure_is_the_loss_or_the_mae_over_each_targets_std() -> None:
+    """``monitor: val_mae`` ranks epochs by the validation MAE (with several targets each over its normaliser's
+    std, averaged; a target without validation labels ignored), ``val_loss`` by the loss."""
+    import math
+    from types import SimpleNamespace
+
+    from crystal_transfer.training.normalizer import Normalizer
+    from crystal_transfer.training.trainer import Trainer, TrainSettings
+
+    normalizers = [Normalizer(mean=0.0, std=2.0, transform="identity", unit="eV"),
+                   Normalizer(mean=1.0, std=0.5, transform="log10", unit="GPa")]
+    epoch = {"loss": 0.7, "mae_a": 0.4, "mae_b": 0.1}
+    trainer = SimpleNamespace(targets=["a", "b"], normalizers=normalizers)
+    trainer.settings = TrainSettings(monitor="val_loss")
+    assert Trainer._score(trainer, epoch) == 0.7
+    trainer.settings = TrainSettings(monitor="val_mae")
+    assert Trainer._score(trainer, epoch) == pytest.approx((0.4 / 2.0 + 0.1 / 0.5) / 2)
+    assert Trainer._score(trainer, {**epoch, "mae_b": math.nan}) == pytest.approx(0.4 / 2.0)

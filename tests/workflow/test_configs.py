@@ -68,7 +68,7 @@ def test_conda_environment_parses_and_names_every_import() -> None:
 def test_transfer_targets_plan_every_run_and_refuse_what_cannot_work() -> None:
     """configs/mp2018.yaml's transfer plan: band gap first (the study: five CGCNN sources frozen at 3 depths, 5
     seeds, with fine-tuning and AtomSets beside), then five targets by all three modes, the universal potentials by
-    AtomSets only, and no source on a target whose labels it was pretrained on; the single-target
+    AtomSets only, and no CGCNN source on a target whose labels it was pretrained on; the single-target
     form still gives one target; and a config naming what cannot work is refused with the key named."""
     import copy
 

@@ -126,6 +126,8 @@ def train_and_save(
     # long: one run's outputs (metrics, test.json, predictions, the saved model) are written in one place
     out_dir = Path(out_dir)
     targets = list(model.targets)
+    # how each label is learned is part of the run: a checkpoint of the same run on another scale is not resumed
+    record = {**record, "transforms": {t: n.transform for t, n in zip(targets, normalizers, strict=True)}}
     fingerprint = fingerprint_ids(train_ids) + json.dumps(record, sort_keys=True)
     collate = data["train"].collate
     trainer = Trainer(model, normalizers, settings, out_dir, collate, log=log, run_fingerprint=fingerprint)

@@ -176,7 +176,8 @@ def set_model_predictions(source: str | Path, level: int | str, members: list[Pa
         saved = load_model(member)
         for start in range(0, len(positions), BATCH):
             part = positions[start:start + BATCH]
-            rows = [torch.from_numpy(found.atoms[p]) for p in part]
+            # a set model at level 'crystal' reads one row per crystal: the pooled vector
+            rows = [torch.from_numpy(found.atoms[p] if p in found.atoms else found.pooled[p][None]) for p in part]
             sizes = torch.tensor([len(r) for r in rows])
             batch = FeatureBatch(torch.cat(rows), torch.repeat_interleave(torch.arange(len(part)), sizes), len(part),
                                  torch.zeros(len(part), 0), [found.ids[p] for p in part])

@@ -51,6 +51,8 @@ def read_runs(paths: Sequence[str | Path]) -> pd.DataFrame:
             "choice": choice_text(mode, depth), "seed": int(record["seed"]), "target": target,
             "best_val_mae": float(record["best_val_mae"]), "test_mae": float(record["test_mae"]),
             "unit": record.get("units", {}).get(target, ""), "run_dir": str(Path(path).parent),
+            # validation crystals a universal potential could not featurise (AtomSets only): its MAE is over the rest
+            "val_left_out": int(record.get("left_out", {}).get("val", 0)),
         })
     return pd.DataFrame(rows)
 
@@ -61,9 +63,10 @@ def rank_candidates(runs: pd.DataFrame) -> pd.DataFrame:
     if runs.empty:
         raise InputError("no runs to choose from")
     groups = runs.groupby(["source", "choice"], sort=False)
+    left_out = {"val_left_out": ("val_left_out", "max")} if "val_left_out" in runs else {}
     table = groups.agg(mode=("mode", "first"), depth=("depth", "first"), val_mae=("best_val_mae", "mean"),
                        val_std=("best_val_mae", lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0),
-                       seeds=("seed", lambda s: sorted(int(x) for x in s))).reset_index()
+                       seeds=("seed", lambda s: sorted(int(x) for x in s)), **left_out).reset_index()
     table["order"] = [MODE_ORDER[mode] for mode in table["mode"]]
     return table.sort_values(["val_mae", "order", "source", "choice"]).drop(columns="order").reset_index(drop=True)
 
@@ -105,13 +108,15 @@ def run(name: str, results: Sequence[str | Path], out: str | Path, label: str = 
     """The ``select`` stage: choose the best (source, mode, depth) of target ``name`` among the jobs ``results``
     on validation and write the ensemble of its seeds into ``out``; returns the card."""
     # long: the choice, the members, their test figures and the card are written in one place, card last
-    out = Path(out)
+    # built beside the folder and swapped in whole, so an interrupted run leaves the previous choice intact
+    final = Path(out)
+    out = final.parent / f".{final.name}.partial"
+    shutil.rmtree(out, ignore_errors=True)
     runs = read_runs(results)
     ranked = rank_candidates(runs)
     best = ranked.iloc[0]
     chosen = runs[(runs["source"] == best["source"]) & (runs["choice"] == best["choice"])].sort_values("seed")
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / "members", ignore_errors=True)  # a previous choice's members must not linger
+    out.mkdir(parents=True)
     members, member_cards = [], []
     for row in chosen.itertuples():
         member_cards.append(_copy_member(row.run_dir, out / "members" / f"seed{row.seed}"))
@@ -121,8 +126,6 @@ def run(name: str, results: Sequence[str | Path], out: str | Path, label: str = 
     if inputs:  # a set model on frozen features: it needs its source to featurise new crystals
         found = set_model_source(inputs)
         if isinstance(found, Path):
-            if (out / "source").exists():
-                shutil.rmtree(out / "source")
             shutil.copytree(found, out / "source")
             source = {"kind": "cgcnn", "path": "source", "level": inputs["level"]}
         else:
@@ -154,6 +157,7 @@ def run(name: str, results: Sequence[str | Path], out: str | Path, label: str = 
         "candidates": [
             {"source": r.source, "mode": r.mode, "depth": _depth(r.depth), "choice": r.choice,
              "val_mae": float(r.val_mae), "val_std": float(r.val_std), "seeds": list(r.seeds),
+             "val_crystals_left_out": int(r.val_left_out),
              "test_mae_after_the_fact": float(test_by_candidate[(r.source, r.choice)])}
             for r in ranked.itertuples()
         ],
@@ -166,6 +170,8 @@ def run(name: str, results: Sequence[str | Path], out: str | Path, label: str = 
         "normalizer": member_cards[0]["normalizers"],
     }
     write_json(out / ENSEMBLE_CARD, card)
+    shutil.rmtree(final, ignore_errors=True)
+    out.rename(final)
     log(f"{name}: chose {best['source']} {best['choice']} (validation MAE {best['val_mae']:.4f} {unit}, "
         f"{len(members)} seeds, among {len(ranked)} candidates); ensemble test MAE {card['test']['ensemble_mae']:.4f}")
     return card
