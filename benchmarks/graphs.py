@@ -99,7 +99,7 @@ def main() -> None:
     from crystal_transfer.graphs.crystal_graph import crystal_graph
     from crystal_transfer.graphs.settings import GraphSettings
     from crystal_transfer.graphs.shards import map_arrays
-    from crystal_transfer.graphs.stage import _table_arrays, build_graphs, file_sha256
+    from crystal_transfer.graphs.stage import build_graphs, table_rows
 
     work = Path(args.work)
     table = mp2018_table(Path(args.table) if args.table else None)
@@ -139,7 +139,7 @@ def main() -> None:
     # The same crystals through both paths, alternating; structures are built before the clock starts.
     from pymatgen.core import Lattice, Structure
 
-    arrays = _table_arrays(table, file_sha256(table))
+    arrays = table_rows(table)
     rows = np.random.default_rng(args.seed).choice(len(arrays["ids"]), size=args.sample, replace=False)
     ours = reference = pymatgen_path = 0.0
     atoms = 0

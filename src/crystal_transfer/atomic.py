@@ -57,6 +57,35 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _sha256_record(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256.json")
+
+
+def record_sha256(path: str | os.PathLike[str]) -> str:
+    """Hash ``path`` and record the hash beside it (``<name>.sha256.json``, with the file's size and time), for
+    :func:`recorded_sha256`; a folder that cannot be written just gets no record."""
+    path = Path(path)
+    digest = sha256_file(path)
+    stat = path.stat()
+    with contextlib.suppress(OSError):
+        write_json(_sha256_record(path), {"sha256": digest, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    return digest
+
+
+def recorded_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 of ``path``: the one recorded beside it while the file's size and modification time are those
+    recorded, else hashed anew (and recorded). Jobs that each read part of a large file check its identity without
+    each reading all of it."""
+    path = Path(path)
+    record = _sha256_record(path)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        saved = json.loads(record.read_text())
+        stat = path.stat()
+        if saved["size"] == stat.st_size and saved["mtime_ns"] == stat.st_mtime_ns:
+            return str(saved["sha256"])
+    return record_sha256(path)
+
+
 def write_csv(
     target: str | os.PathLike[str], fieldnames: Sequence[str], rows: Iterable[Mapping[str, object] | Sequence[object]]
 ) -> None:

@@ -267,9 +267,9 @@ def test_cgcnn_padding_reproduces_the_original_exactly(sample, references, tmp_p
 
 def test_brute_force_periodic_images_agree(sample):
     """An independent check of the neighbour search: explicit images of the cell, no pymatgen."""
-    from crystal_transfer.graphs.stage import _table_arrays, file_sha256
+    from crystal_transfer.graphs.stage import table_rows
 
-    arrays = _table_arrays(sample["table"], file_sha256(sample["table"]))
+    arrays = table_rows(sample["table"])
     settings = GraphSettings()
     checked = 0
     for row in range(0, len(arrays["ids"]), 8):
@@ -307,9 +307,9 @@ def _same_graph(ours, theirs, crystal_id: str) -> None:
 def test_vesin_neighbour_search_equals_the_pymatgen_path(sample, policy):
     """vesin + CGCNN's rules and pymatgen + NumPy give the same graph (indices in the same tie order, counts, radii,
     distances within 1e-6 Å) for every crystal of the sample, the stretched one included."""
-    from crystal_transfer.graphs.stage import _table_arrays, file_sha256
+    from crystal_transfer.graphs.stage import table_rows
 
-    arrays = _table_arrays(sample["table"], file_sha256(sample["table"]))
+    arrays = table_rows(sample["table"])
     settings = GraphSettings(isolated_atoms=policy)
     ties = rejected = 0
     for row, crystal_id in enumerate(arrays["ids"]):
@@ -340,11 +340,11 @@ def test_batched_vesin_search_equals_pymatgen_at_other_radii(sample, monkeypatch
     from crystal_transfer.graphs import neighbours
     from crystal_transfer.graphs.crystal_graph import neighbour_pairs
     from crystal_transfer.graphs.neighbours import neighbour_lists, select_neighbours
-    from crystal_transfer.graphs.stage import _table_arrays, file_sha256
+    from crystal_transfer.graphs.stage import table_rows
 
     if probe_factor is not None:
         monkeypatch.setattr(neighbours, "PROBE_FACTOR", probe_factor)
-    arrays = _table_arrays(sample["table"], file_sha256(sample["table"]))
+    arrays = table_rows(sample["table"])
     ptr = arrays["atom_ptr"]
     batched = neighbour_lists(arrays["lattice"], ptr, arrays["frac"], arrays["numbers"], radius, max_num_nbr)
     full = neighbour_lists(

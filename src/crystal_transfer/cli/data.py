@@ -32,10 +32,11 @@ def _cmd_data(args: argparse.Namespace) -> int:
     from crystal_transfer.data.spec import dataset_spec
 
     if args.spec:
-        stage.run(args.dataset or "dataset", validate_dataset_spec(json_arg(args.spec)), args.out, args.workers)
+        stage.run(args.dataset or "dataset", validate_dataset_spec(json_arg(args.spec)), args.out, args.workers,
+                  batch_records=args.batch_records)
     elif args.config and args.dataset:
         spec = dataset_spec(load_config(args.config), args.dataset)
-        stage.run(args.dataset, spec, args.out, args.workers, fetch=True)
+        stage.run(args.dataset, spec, args.out, args.workers, fetch=True, batch_records=args.batch_records)
     else:
         raise ConfigError("give --config FILE and --dataset NAME (or --spec JSON)")
     return 0
@@ -144,7 +145,10 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
             "Writes to --out: crystals.parquet (id, source, formula, lattice, atomic numbers, fractional\n"
             "coordinates, one column per label with its unit, provenance), rejected.csv (id, source, file,\n"
             "reason, message) and summary.json (counts per reason). Fails, naming the reasons, when more than\n"
-            "filters.max_rejected_fraction of the records is rejected."
+            "filters.max_rejected_fraction of the records is rejected.\n\n"
+            "Records are parsed and written --batch-records at a time into crystals.parquet.parts/ (removed\n"
+            "when the table is written): memory stays flat whatever the dataset's size, and a rerun after a\n"
+            "kill reuses the batches already written whose records are unchanged and parses only the rest."
         ),
     )
     data.add_argument("--config", help="pipeline config (YAML), used with --dataset")
@@ -154,6 +158,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     )
     data.add_argument("--out", required=True, help="output folder, e.g. results/data/<dataset>")
     data.add_argument("--workers", type=int, default=0, help="parser processes (0: one per core)")
+    data.add_argument("--batch-records", type=int,
+                      help="records parsed and written together (default: data.stage.BATCH_RECORDS, 4096)")
     data.set_defaults(func=_cmd_data)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from crystal_transfer.atomic import recorded_sha256
 from crystal_transfer.errors import MissingError
 from crystal_transfer.graphs.batch import GraphBatch
 from crystal_transfer.graphs.errors import GraphStageError
@@ -98,7 +99,7 @@ class GraphDataset(torch.utils.data.Dataset):
         self.targets = list(targets)
         self.skipped: list[str] = []
         table = Path(table or self.manifest["table"])
-        if file_sha256(table) != self.manifest["table_sha256"]:
+        if recorded_sha256(table) != self.manifest["table_sha256"]:
             raise GraphStageError(
                 f"the graphs in {self.graph_dir} were built from another version of {table} (sha256 differs from "
                 f"the manifest's); rebuild them with: {rebuild_command(self.graph_dir, self.manifest)}"

@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from crystal_transfer import __version__
+from crystal_transfer.atomic import recorded_sha256, write_csv, write_json
 from crystal_transfer.atomic import sha256_file as file_sha256
-from crystal_transfer.atomic import write_csv, write_json
 from crystal_transfer.graphs import neighbours
 from crystal_transfer.graphs.crystal_graph import (
     UNSEARCHABLE_CELL,
@@ -74,7 +74,7 @@ def make_plan(
     plan = {
         "dataset": dataset,
         "table": str(table),
-        "table_sha256": file_sha256(table),
+        "table_sha256": recorded_sha256(table),
         "table_rows": rows,
         "settings": settings.as_dict(),
         "shard_size": shard_size,
@@ -102,25 +102,31 @@ def read_json(path: str | Path) -> dict[str, Any]:
         return json.load(handle)
 
 
-_TABLE_CACHE: dict[tuple[str, str], Any] = {}
-
-
-def _table_arrays(table: str | Path, sha256: str) -> dict[str, Any]:
-    """Flat arrays of the structural columns (cached per process: pool workers build several shards)."""
-    key = (str(Path(table).resolve()), sha256)
-    if key not in _TABLE_CACHE:
-        _TABLE_CACHE.clear()
-        data = pq.read_table(table, columns=TABLE_COLUMNS)
-        frac = data.column("frac_coords").combine_chunks()
-        numbers = data.column("numbers").combine_chunks()
-        _TABLE_CACHE[key] = {
-            "ids": data.column("id").to_pylist(),
-            "lattice": data.column("lattice").combine_chunks().values.to_numpy().reshape(-1, 3, 3),
-            "atom_ptr": numbers.offsets.to_numpy().astype(np.int64),
-            "numbers": numbers.values.to_numpy(),
-            "frac": frac.values.to_numpy().reshape(-1, 3),
-        }
-    return _TABLE_CACHE[key]
+def table_rows(table: str | Path, start: int = 0, stop: int | None = None) -> dict[str, Any]:
+    """Flat arrays of the structural columns of the table rows ``start:stop`` (default: all; ``ids``, ``lattice``,
+    ``atom_ptr`` into ``numbers`` and ``frac``), read from the row groups that hold them only: a shard job's memory
+    and time do not grow with the table."""
+    handle = pq.ParquetFile(table)
+    stop = handle.metadata.num_rows if stop is None else stop
+    groups, first, offset = [], None, 0
+    for group in range(handle.metadata.num_row_groups):
+        rows = handle.metadata.row_group(group).num_rows
+        if offset < stop and offset + rows > start:
+            groups.append(group)
+            first = offset if first is None else first
+        offset += rows
+    data = handle.read_row_groups(groups, columns=TABLE_COLUMNS) if groups else handle.schema_arrow.empty_table()
+    data = data.select(TABLE_COLUMNS).slice(start - (first or 0), stop - start)
+    frac = data.column("frac_coords").combine_chunks()
+    numbers = data.column("numbers").combine_chunks()
+    ptr = numbers.offsets.to_numpy().astype(np.int64)
+    return {
+        "ids": data.column("id").to_pylist(),
+        "lattice": data.column("lattice").combine_chunks().flatten().to_numpy().reshape(-1, 3, 3),
+        "atom_ptr": ptr - ptr[0],
+        "numbers": numbers.flatten().to_numpy(),
+        "frac": frac.flatten().to_numpy().reshape(-1, 3),
+    }
 
 
 def build_shard(
@@ -143,14 +149,14 @@ def build_shard(
         raise GraphStageError(f"{plan_path} has shards 0..{len(plan['shards']) - 1}, not {index}")
     entry = plan["shards"][index]
     table = Path(table or plan["table"])
-    if file_sha256(table) != plan["table_sha256"]:
+    if recorded_sha256(table) != plan["table_sha256"]:
         raise GraphStageError(
             f"{table} changed since {plan_path} was written; rerun: python -m crystal_transfer graphs plan "
             f"--table {table} --dataset {plan['dataset']} --out {plan_path} --settings '{json.dumps(plan['settings'])}'"
         )
     settings = GraphSettings.from_dict(plan["settings"])
-    arrays = _table_arrays(table, plan["table_sha256"])
     start, stop = entry["rows"]
+    arrays = table_rows(table, start, stop)
     ids: list[str] = []
     radii: list[float] = []
     atom_counts: list[int] = []
@@ -163,8 +169,8 @@ def build_shard(
     atom_ptr, frac, numbers_all = arrays["atom_ptr"], arrays["frac"], arrays["numbers"]
     lists, offsets, refused = (None, {}, {})
     if search == "vesin":
-        lists, offsets, refused = _shard_lists(arrays, range(start, stop), settings)
-    for row in range(start, stop):
+        lists, offsets, refused = _shard_lists(arrays, range(stop - start), settings)
+    for row in range(stop - start):  # rows of the shard, counted from its first
         a0, a1 = atom_ptr[row], atom_ptr[row + 1]
         numbers = numbers_all[a0:a1]
         crystal_id = arrays["ids"][row]

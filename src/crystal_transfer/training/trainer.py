@@ -9,11 +9,12 @@ epoch ``e - 1`` continues exactly as the uninterrupted run would have (on CPU).
 from __future__ import annotations
 
 import ctypes
+import itertools
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from crystal_transfer.atomic import write_csv
 from crystal_transfer.errors import InputError
-from crystal_transfer.progress import progress_bar
+from crystal_transfer.progress import Counter
 from crystal_transfer.tensor_files import TensorFileError, load_tensors, save_tensors
 from crystal_transfer.training.losses import masked_mse_loss
 from crystal_transfer.training.normalizer import Normalizer
@@ -38,6 +39,8 @@ T = TypeVar("T")
 # What picks best.pt and what patience watches: the validation loss (MSE of standardised targets, the trainer's
 # criterion) or the validation MAE (original CGCNN keeps the epoch of lowest validation MAE).
 MONITORS = ("val_loss", "val_mae")
+# Passes over at least this many crystals log their progress (with crystals/s) ten times; a terminal always shows it.
+PROGRESS_LOG_FROM = 50_000
 
 
 @dataclass
@@ -57,6 +60,7 @@ class TrainSettings:
     patience: int | None = None  # stop after this many epochs without a better monitored figure; 0/None: off
     monitor: str = "val_loss"  # one of MONITORS
     layer_lr_decay: float = 1.0  # finetune: each layer below the head learns at this factor of the one above it
+    max_batches: int | None = None  # at most this many batches per pass: smoke tests and benchmarks of large data
 
     def __post_init__(self) -> None:
         if self.patience is not None and self.patience < 0:
@@ -229,19 +233,27 @@ class Trainer:
             num_workers=0,
         )
 
+    def _batches(self, dataset: Dataset, shuffle: bool, epoch: int, label: str) -> Iterator[Batch]:
+        """The batches of one pass (at most ``max_batches``), showing progress with the crystals per second."""
+        cap = self.settings.max_batches
+        total = len(dataset) if cap is None else min(len(dataset), cap * self.settings.batch_size)
+        progress = Counter(total, label, self.log, log_from=PROGRESS_LOG_FROM)
+        for batch in itertools.islice(self._loader(dataset, shuffle, epoch), cap):
+            yield batch
+            progress.advance(len(batch.targets))
+
     def _run_epoch(self, dataset: Dataset, epoch: int, training: bool) -> dict[str, float]:
         """One pass; returns loss (mean over labels, standardised units) and MAE per target (transformed units)."""
         self.model.train(training)
         if training:
             freeze_batchnorm_of_frozen_layers(self.model)
-        loader = self._loader(dataset, shuffle=training, epoch=epoch)
         squared_sum = 0.0
         label_count = 0
         abs_sum = torch.zeros(len(self.normalizers), dtype=torch.float64)
         per_target = torch.zeros(len(self.normalizers), dtype=torch.float64)
-        progress = progress_bar(loader, f"epoch {epoch} {'train' if training else 'val'}")
+        label = f"epoch {epoch} {'train' if training else 'val'}"
         with torch.set_grad_enabled(training):
-            for batch in progress:
+            for batch in self._batches(dataset, training, epoch, label):
                 batch = batch.to(self.device)
                 transformed = self._transformed(batch.targets)
                 standardised = (transformed - self.mean) / self.std
@@ -371,7 +383,7 @@ class Trainer:
         self.model.eval()
         ids: list[str] = []
         outputs, targets = [], []
-        for batch in self._loader(dataset, shuffle=False, epoch=0):
+        for batch in self._batches(dataset, False, 0, "predict"):
             batch = batch.to(self.device)
             outputs.append((self.model(batch) * self.std + self.mean).cpu())
             targets.append(self._transformed(batch.targets).cpu())

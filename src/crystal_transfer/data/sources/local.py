@@ -28,6 +28,14 @@ from crystal_transfer.data.structures import (
 )
 
 _SUFFIX_FORMATS = {".cif": "cif", ".vasp": "poscar", ".poscar": "poscar"}
+# A label row is held as its values joined by this character (a tuple where a value holds it): a million rows of
+# strings in dicts would take gigabytes.
+_SEPARATOR = "\x1f"
+
+
+def _packed(values) -> str | tuple[str, ...]:
+    values = tuple(value if value is not None else "" for value in values)
+    return values if any(_SEPARATOR in value for value in values) else _SEPARATOR.join(values)
 
 
 def structure_format(name: str) -> str | None:
@@ -74,6 +82,7 @@ def structure_files(path: Path) -> Iterator[tuple[str, bytes | None, str]]:
                 handle = archive.extractfile(member)
                 payload = handle.read() if handle else b""
                 members += 1
+                archive.members.clear()  # tarfile keeps every member's header: memory would grow with the archive
                 yield member.name, payload, checksum
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:  # gzip/bz2/lzma damage surfaces as these
         raise SourceError(
@@ -102,7 +111,7 @@ class LocalSource(Source):
     def label_units(self) -> dict[str, str]:
         return {label: unit_of(label, self.units) for label in self.columns}
 
-    def _read_labels(self) -> tuple[dict[str, dict[str, str]], list[RawCrystal]]:
+    def _read_labels(self) -> tuple[dict[str, str | tuple[str, ...]], list[RawCrystal]]:
         if not self.labels_path.is_file():
             raise SourceError(f"source '{self.name}': labels CSV not found: {self.labels_path}")
         checksum = sha256_of(self.labels_path)
@@ -119,8 +128,12 @@ class LocalSource(Source):
                 f"source '{self.name}': labels CSV {self.labels_path} is not a readable CSV: {exc}"
             ) from None
 
-    def _parse_labels(self, checksum: str) -> tuple[dict[str, dict[str, str]], list[RawCrystal]]:
-        rows: dict[str, dict[str, str]] = {}
+    def _labels(self, packed: str | tuple[str, ...]) -> dict[str, str]:
+        values = packed if isinstance(packed, tuple) else packed.split(_SEPARATOR)
+        return dict(zip(self.columns, values, strict=True))
+
+    def _parse_labels(self, checksum: str) -> tuple[dict[str, str | tuple[str, ...]], list[RawCrystal]]:
+        rows: dict[str, str | tuple[str, ...]] = {}
         refused_rows: list[RawCrystal] = []
         # utf-8-sig: a byte-order mark (Excel writes one) is not part of the first column's name
         with open(self.labels_path, newline="", encoding="utf-8-sig") as handle:
@@ -167,7 +180,7 @@ class LocalSource(Source):
                         )
                     )
                     continue
-                rows[crystal_id] = labels
+                rows[crystal_id] = _packed(labels.values())
         return rows, refused_rows
 
     def _structure_files(self) -> Iterator[tuple[str, bytes | None, str]]:
@@ -210,7 +223,8 @@ class LocalSource(Source):
                     rejection=Rejection(UNKNOWN_FORMAT, f"'{member}' is not a CIF or POSCAR file"),
                 )
                 continue
-            labels = rows.get(crystal_id)
+            packed = rows.get(crystal_id)
+            labels = None if packed is None else self._labels(packed)
             rejection = None
             if labels is None:
                 rejection = Rejection(MISSING_LABELS, f"no row for id '{crystal_id}' in {self.labels_path.name}")
@@ -223,13 +237,13 @@ class LocalSource(Source):
                 source_sha256=checksum,
                 rejection=rejection,
             )
-        for crystal_id, labels in rows.items():
+        for crystal_id, packed in rows.items():
             if crystal_id not in seen:
                 yield RawCrystal(
                     id=crystal_id,
                     fmt="",
                     text="",
-                    labels=labels,
+                    labels=self._labels(packed),
                     source_file=self.labels_path.name,
                     source_sha256="",
                     rejection=Rejection(MISSING_STRUCTURE, f"no structure file for id '{crystal_id}'"),

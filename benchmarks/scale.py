@@ -1,0 +1,221 @@
+"""How the data, graphs and pretraining stages scale: mp2018 replicated 1, 3, 10 and 30 times (about a million
+crystals), each stage run as the workflow runs it (one command per job), timed, with the peak resident memory
+of its largest job, and the ratios against x1.
+
+    PYTHONPATH=src python benchmarks/scale.py                  # x1, x3, x10, x30
+    PYTHONPATH=src python benchmarks/scale.py --sizes 1,3      # a quick run
+
+The synthetic dataset: every mp2018 structure (the real CIF text) ``size`` times, copy ``k > 0`` of ``mp-1`` named
+``mp-1~k``, with its labels, as a local source (a .tar.gz and a labels CSV; building it is not timed). Stages:
+
+- data: ``crystal_transfer data`` (one job, ``--workers`` parser processes); time per crystal over the records read;
+- graphs: ``graphs plan``, then every ``graphs shard`` job (``--workers`` at a time, as ``snakemake --cores``
+  would), then ``graphs manifest``; time per crystal over the table's rows, the largest shard job's memory;
+- pretrain: ``crystal_transfer pretrain`` of a formation-energy CGCNN (published architecture, batch 64) for one
+  epoch of ``--max-batches`` batches per pass (train, validation, test: the same work at every size, so what
+  grows with the dataset shows); time per crystal over the crystals the passes saw.
+
+Peak memory of a job: the largest sum of the resident set sizes of the job's process and its children, sampled
+every 20 ms, and at least the process's own ``ru_maxrss``. The last line reads
+``scale: xN peak RSS ratio R, time per crystal ratio T``: for the largest size run, the largest job's peak over
+x1's (over all stages), and the largest of the stages' time-per-crystal ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+from inputs import REPO, SHARED_DATA, WORK, mp2018_cifs
+
+LABELS = ["formation_energy_per_atom", "band_gap", "energy_per_atom", "efermi", "K_VRH", "G_VRH"]
+
+
+def replicate(size: int, folder: Path) -> tuple[Path, Path, int]:
+    """mp2018's structures and labels ``size`` times under distinct ids (copy-major order); returns the archive,
+    the labels CSV and the record count. Reused when already built."""
+    archive, labels = folder / "structures.tar.gz", folder / "labels.csv"
+    done = folder / "records.txt"
+    if done.is_file():
+        return archive, labels, int(done.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(mp2018_cifs()) as source:
+        texts = [(Path(m.name).stem, source.extractfile(m).read()) for m in source if m.isfile()]
+    with open(SHARED_DATA / "mp2018" / "labels.csv", newline="") as handle:
+        rows = {row["material_id"]: row for row in csv.DictReader(handle)}
+    count = 0
+    with tarfile.open(archive, "w:gz", compresslevel=1) as out, open(labels, "w", newline="") as table:
+        writer = csv.writer(table)
+        writer.writerow(["material_id", *LABELS])
+        for copy in range(size):
+            for crystal_id, payload in texts:
+                name = crystal_id if copy == 0 else f"{crystal_id}~{copy}"
+                info = tarfile.TarInfo(f"structures/{name}.cif")
+                info.size = len(payload)
+                out.addfile(info, io.BytesIO(payload))
+                writer.writerow([name, *(rows[crystal_id][label] for label in LABELS)])
+                count += 1
+    done.write_text(str(count))
+    return archive, labels, count
+
+
+class Job:
+    """One command run as a job: its wall time and peak memory (MB)."""
+
+    def __init__(self, command: list[str], log: Path) -> None:
+        import psutil
+
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
+                                                                                                   "1")}
+        self.log = log
+        self.handle = open(log, "w")  # noqa: SIM115 (closed in wait)
+        self.started = time.perf_counter()
+        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=self.handle, stderr=subprocess.STDOUT)
+        self.peak = 0
+        self._done = threading.Event()
+        self._psutil = psutil.Process(self.process.pid)
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._done.is_set():  # the job is reaped by wait(), not here
+            total = 0
+            try:
+                for process in [self._psutil, *self._psutil.children(recursive=True)]:
+                    try:
+                        total += process.memory_info().rss
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                pass
+            self.peak = max(self.peak, total)
+            self._done.wait(0.02)
+
+    def wait(self) -> tuple[float, float]:
+        _, status, usage = os.wait4(self.process.pid, 0)
+        self.process.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - self.started
+        self._done.set()
+        self._thread.join()
+        self.handle.close()
+        if self.process.returncode != 0:
+            raise SystemExit(f"{self.log.name} failed (exit {self.process.returncode}):\n"
+                             + self.log.read_text()[-3000:])
+        return seconds, max(self.peak, usage.ru_maxrss * 1024) / 1e6
+
+
+def run_jobs(commands: list[tuple[list[str], Path]], parallel: int) -> tuple[float, float]:
+    """Run the commands ``parallel`` at a time; (wall seconds of them all, the largest job's peak MB)."""
+    started = time.perf_counter()
+    pending, running, peak = list(commands), [], 0.0
+    while pending or running:
+        while pending and len(running) < parallel:
+            running.append(Job(*pending.pop(0)))
+        finished = running.pop(0)
+        peak = max(peak, finished.wait()[1])
+    return time.perf_counter() - started, peak
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "crystal_transfer", *args]
+
+
+def measure(size: int, work: Path, workers: int, max_batches: int, shard_size: int) -> dict[str, dict]:
+    """The three stages at one size: {stage: {crystals, seconds, peak_mb}}."""
+    folder = work / f"x{size}"
+    archive, labels, records = replicate(size, folder / "source")
+    logs = folder / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "sources": [{"type": "local", "name": "mp2018", "path": str(archive), "labels": str(labels),
+                     "id_column": "material_id", "columns": {label: label for label in LABELS}}],
+        "filters": {"max_z": 80, "max_rejected_fraction": 0.25},
+    }
+    data = folder / "data"
+    for stale in (data / "crystals.parquet", data / "crystals.parquet.parts"):
+        subprocess.run(["rm", "-rf", str(stale)], check=True)
+    result: dict[str, dict] = {}
+    seconds, peak = run_jobs([(cli("data", "--dataset", "mp2018", "--spec", json.dumps(spec), "--out", str(data),
+                                   "--workers", str(workers)), logs / "data.log")], 1)
+    result["data"] = {"crystals": records, "seconds": seconds, "peak_mb": peak}
+    table = data / "crystals.parquet"
+    kept = json.loads((data / "summary.json").read_text())["kept"]
+
+    graphs = folder / "graphs"
+    subprocess.run(["rm", "-rf", str(graphs)], check=True)
+    settings = json.dumps({"shard_size": shard_size})
+    started = time.perf_counter()
+    _, plan_peak = run_jobs([(cli("graphs", "plan", "--table", str(table), "--dataset", "mp2018", "--settings",
+                                  settings, "--out", str(graphs / "plan.json")), logs / "graph_plan.log")], 1)
+    shards = json.loads((graphs / "plan.json").read_text())["shards"]
+    _, shard_peak = run_jobs(
+        [(cli("graphs", "shard", "--plan", str(graphs / "plan.json"), "--table", str(table), "--index",
+              str(entry["index"])), logs / f"graph_shard-{entry['index']:05d}.log") for entry in shards], workers)
+    _, manifest_peak = run_jobs([(cli("graphs", "manifest", "--plan", str(graphs / "plan.json"), "--out",
+                                      str(graphs / "manifest.json")), logs / "graph_manifest.log")], 1)
+    result["graphs"] = {"crystals": kept, "seconds": time.perf_counter() - started,
+                        "peak_mb": max(plan_peak, shard_peak, manifest_peak), "shards": len(shards)}
+
+    out = folder / "pretrain"
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    # val and test 30 %: at x1 each pass has more crystals than max_batches takes, so every size does the same work
+    model = {"kind": "train", "dataset": "mp2018", "targets": ["formation_energy_per_atom"], "val": 0.3,
+             "test": 0.3, "seed": 0, "architecture": {},
+             "train": {"epochs": 1, "batch_size": 64, "max_batches": max_batches, "lr": 0.01}}
+    seconds, peak = run_jobs([(cli("pretrain", "--name", "scale", "--spec", json.dumps(model), "--table", str(table),
+                                   "--graphs", str(graphs), "--out", str(out)), logs / "pretrain.log")], 1)
+    record = json.loads((out / "test.json").read_text())
+    seen = sum(min(record[f"n_{part}"], max_batches * 64) for part in ("train", "val", "test"))
+    result["pretrain"] = {"crystals": seen, "seconds": seconds, "peak_mb": peak, "dataset": kept}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1,3,10,30", help="replication factors, comma-separated (first: reference)")
+    parser.add_argument("--work", default=str(WORK / "scale"), help="folder for the datasets and outputs")
+    parser.add_argument("--workers", type=int, default=2, help="data-stage parser processes; shard jobs at a time")
+    parser.add_argument("--max-batches", type=int, default=100, help="batches per pretraining pass (of 64)")
+    parser.add_argument("--shard-size", type=int, default=2048, help="graphs.shard_size")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    work = Path(args.work)
+    print(f"scale benchmark: sizes {sizes}, {args.workers} workers, {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    figures: dict[int, dict[str, dict]] = {}
+    header = f"{'stage':<9} {'size':>5} {'crystals':>10} {'wall s':>9} {'crystals/s':>11} {'peak MB':>8} " \
+             f"{'s/crystal ratio':>15} {'RSS ratio':>9}"
+    for size in sizes:
+        figures[size] = measure(size, work, args.workers, args.max_batches, args.shard_size)
+        print(f"x{size} done, load average {os.getloadavg()[0]:.2f}", flush=True)
+        print(header)
+        for stage in ("data", "graphs", "pretrain"):
+            for done in figures:
+                row, ref = figures[done][stage], figures[sizes[0]][stage]
+                per = row["seconds"] / row["crystals"]
+                time_ratio = per / (ref["seconds"] / ref["crystals"])
+                print(f"{stage:<9} x{done:<4} {row['crystals']:>10,} {row['seconds']:>9.1f} "
+                      f"{row['crystals'] / row['seconds']:>11.1f} {row['peak_mb']:>8.0f} {time_ratio:>15.2f} "
+                      f"{row['peak_mb'] / ref['peak_mb']:>9.2f}")
+        print(flush=True)
+    largest, first = figures[sizes[-1]], figures[sizes[0]]
+    rss = max(s["peak_mb"] for s in largest.values()) / max(s["peak_mb"] for s in first.values())
+    per_crystal = max((largest[s]["seconds"] / largest[s]["crystals"]) / (first[s]["seconds"] / first[s]["crystals"])
+                      for s in largest)
+    (work / "scale.json").write_text(json.dumps({str(k): v for k, v in figures.items()}, indent=2))
+    print(f"scale: x{sizes[-1]} peak RSS ratio {rss:.2f}, time per crystal ratio {per_crystal:.2f}")
+
+
+if __name__ == "__main__":
+    main()
