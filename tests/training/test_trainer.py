@@ -16,6 +16,8 @@ import pytest
 import torch
 from conftest import REPO, shared, subprocess_env
 
+from crystal_transfer.errors import InputError
+
 TRAIN = {"epochs": 4, "batch_size": 32, "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "device": "cpu"}
 ARCH = {"atom_fea_len": 32, "n_conv": 3, "h_fea_len": 16, "n_h": 1}
 
@@ -565,3 +567,50 @@ def test_the_monitored_figure_is_the_loss_or_the_mae_over_each_targets_std() -> 
     trainer.settings = TrainSettings(monitor="val_mae")
     assert Trainer._score(trainer, epoch) == pytest.approx((0.4 / 2.0 + 0.1 / 0.5) / 2)
     assert Trainer._score(trainer, {**epoch, "mae_b": math.nan}) == pytest.approx(0.4 / 2.0)
+
+
+def test_a_feature_cache_larger_than_its_budget_is_written_and_read_in_parts(matminer_graphs, source_model,
+                                                                             tmp_path) -> None:
+    """Issue #20: a cache over the part budget is written in parts as it is computed (and by save_frozen_features),
+    and read a part at a time; every crystal's rows, the datasets built on it and their batches equal those of the
+    cache in one file; a damaged part is named."""
+    from crystal_transfer.experiments import frozen_features as ff
+    from crystal_transfer.graphs.dataset import GraphDataset
+    from crystal_transfer.models.saved import load_model
+
+    dataset = GraphDataset(matminer_graphs["graphs"], targets=["band_gap"], table=matminer_graphs["table"])
+    model = load_model(source_model).model
+    whole = ff.compute_frozen_features(model, 2, dataset)
+    budget = 64 * 1024  # bytes: every batch of 256 crystals makes a part
+    streamed, saved = tmp_path / "streamed.pt", tmp_path / "saved.pt"
+    ff.write_frozen_features(model, 2, dataset, streamed, {"source": "test"}, part_bytes=budget)
+    ff.save_frozen_features(whole, saved, {"source": "test"}, part_bytes=budget)
+    ff.save_frozen_features(whole, tmp_path / "one.pt", {"source": "test"})
+    assert len(list(tmp_path.glob("streamed.part*.pt"))) > 10 and len(list(tmp_path.glob("saved.part*.pt"))) > 10
+    assert not list(tmp_path.glob("one.part*"))
+    offsets = whole["offsets"]
+    for path in (streamed, saved):
+        cache = ff.load_frozen_features(path)
+        assert isinstance(cache["features"], ff.FeatureParts)
+        assert cache["ids"] == whole["ids"] and torch.equal(cache["offsets"], offsets)
+        assert cache["features"].shape == whole["features"].shape
+        for i in range(len(whole["ids"])):
+            rows = slice(int(offsets[i]), int(offsets[i + 1]))
+            assert torch.equal(cache["features"][rows], whole["features"][rows])
+        assert len(cache["features"].held) <= ff.PARTS_HELD
+        labels = dataset._targets[:, 0]
+        parted = ff.FeatureSetDataset(cache, dataset.ids, labels)
+        single = ff.FeatureSetDataset(ff.load_frozen_features(tmp_path / "one.pt"), dataset.ids, labels)
+        items = list(range(0, len(parted), 3))
+        first, second = (data.collate([data[i] for i in items]) for data in (parted, single))
+        assert torch.equal(first.features, second.features)
+        assert torch.allclose(first.targets, second.targets, rtol=0, atol=0, equal_nan=True)
+        cached = ff.CachedFeatureDataset(dataset, cache).collate([ff.CachedFeatureDataset(dataset, cache)[i]
+                                                                  for i in items])
+        assert torch.equal(cached.atom_fea, first.features)
+    part = tmp_path / "streamed.part0003.pt"
+    part.write_bytes(part.read_bytes()[:-10])
+    cache = ff.load_frozen_features(streamed)
+    with pytest.raises(InputError, match="streamed.part0003.pt is missing or damaged"):
+        for i in range(len(whole["ids"])):
+            cache["features"][int(offsets[i]):int(offsets[i + 1])]

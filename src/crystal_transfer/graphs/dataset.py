@@ -1,9 +1,9 @@
 """A PyTorch dataset over graph shards, and the collate that turns crystals into one :class:`GraphBatch`.
 
-Shards are checked (sha256 and graph settings against the manifest) when the dataset is built, only those
-holding a selected crystal, and memory-mapped on first use, after a check of their content (its hash, and
-distances and indices that make sense): a crystal is a set of zero-copy views, so the
-memory in use is bounded by the shard files the selection touches (pages the operating system may drop).
+Shards are checked (sha256 and graph settings against the manifest, whose shards passed the content checks of
+:func:`crystal_transfer.graphs.shards.check_graph_arrays`) when the dataset is built, only those holding a selected
+crystal. A crystal is read when it is served, its rows only (:class:`~crystal_transfer.graphs.shards.ShardReader`),
+so the memory in use does not grow with the dataset: a million crystals train within the memory of a thousand.
 Labels come from the canonical table; the table must be the one the shards were built from.
 """
 
@@ -24,8 +24,27 @@ from crystal_transfer.errors import MissingError
 from crystal_transfer.graphs.batch import GraphBatch
 from crystal_transfer.graphs.errors import GraphStageError
 from crystal_transfer.graphs.settings import GraphSettings
-from crystal_transfer.graphs.shards import ShardFormatError, check_graph_arrays, read_header, verified_arrays
+from crystal_transfer.graphs.shards import (
+    ShardFormatError,
+    ShardReader,
+    read_header,
+)
 from crystal_transfer.graphs.stage import REJECTED_FILE, file_sha256, read_manifest, rebuild_command
+
+# Shard files held open at once by a dataset (a dataset of a million crystals has about 500 shards).
+OPEN_SHARDS = 64
+_SHARD_SHA256: dict[tuple[str, int, int], str] = {}
+_TABLE_INDEX: dict[str, Any] = {}
+
+
+def _shard_sha256(path: Path) -> str:
+    """A shard file's sha256, hashed once per process while its size and time stay the same (the train, validation
+    and test datasets of a run share their shards)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHARD_SHA256:
+        _SHARD_SHA256[key] = file_sha256(path)
+    return _SHARD_SHA256[key]
 
 
 @dataclass
@@ -104,9 +123,8 @@ class GraphDataset(torch.utils.data.Dataset):
                 f"the graphs in {self.graph_dir} were built from another version of {table} (sha256 differs from "
                 f"the manifest's); rebuild them with: {rebuild_command(self.graph_dir, self.manifest)}"
             )
-        table_ids, labels = self._read_table(table)
+        table_ids, labels, row_of = self._read_table(table)
         rejected = self._rejected_ids()
-        row_of = {crystal_id: row for row, crystal_id in enumerate(table_ids)}
         wanted = [i for i in table_ids if i not in rejected] if ids is None else list(ids)
         unknown = [i for i in wanted if i not in row_of]
         if unknown:
@@ -139,7 +157,7 @@ class GraphDataset(torch.utils.data.Dataset):
                 self._position[members] = [position_of[wanted[k]] for k in members]
             except KeyError as exc:
                 raise self._stale(int(shard), f"it does not hold crystal {exc}") from None
-        self._open: dict[int, dict[str, np.ndarray]] = {}
+        self._open: dict[int, ShardReader] = {}
 
     @classmethod
     def from_split(
@@ -150,18 +168,27 @@ class GraphDataset(torch.utils.data.Dataset):
 
         return cls(graph_dir, ids=read_split(split_csv)[part], targets=targets, **kwargs)
 
-    def _read_table(self, table: Path) -> tuple[list[str], np.ndarray]:
+    def _read_table(self, table: Path) -> tuple[list[str], np.ndarray, dict[str, int]]:
+        """The table's ids, the target labels and each id's row; the last table read is kept for the next dataset
+        (a run's train, validation and test sets read one table of up to millions of rows)."""
         import pyarrow.parquet as pq
 
         from crystal_transfer.data.table import label_values, read_table
 
+        key = (str(table.resolve()), self.manifest["table_sha256"], tuple(self.targets))
+        if _TABLE_INDEX.get("key") == key:
+            return _TABLE_INDEX["value"]
         available = pq.read_schema(table).names
         missing = [t for t in self.targets if t not in available]
         if missing:
             raise MissingError(f"{table} has no label {', '.join(missing)} (columns: {', '.join(available)})")
         data = read_table(table, columns=["id", *self.targets])
         labels = np.stack([label_values(data, t) for t in self.targets], axis=1) if self.targets else None
-        return data.column("id").to_pylist(), (labels.astype(np.float32) if labels is not None else np.zeros(0))
+        ids = data.column("id").to_pylist()
+        value = (ids, labels.astype(np.float32) if labels is not None else np.zeros(0),
+                 {crystal_id: row for row, crystal_id in enumerate(ids)})
+        _TABLE_INDEX.update(key=key, value=value)
+        return value
 
     def _rejected_ids(self) -> dict[str, str]:
         path = self.graph_dir / REJECTED_FILE
@@ -182,7 +209,7 @@ class GraphDataset(torch.utils.data.Dataset):
         path = self.graph_dir / entry["file"]
         if not path.is_file():
             raise self._stale(shard, "the file is missing")
-        digest = file_sha256(path)
+        digest = _shard_sha256(path)
         if digest != entry["sha256"]:
             raise self._stale(
                 shard, f"it is corrupted or was replaced (sha256 {digest[:12]}…, manifest {entry['sha256'][:12]}…)"
@@ -198,31 +225,34 @@ class GraphDataset(torch.utils.data.Dataset):
             )
         return header
 
-    def _arrays(self, shard: int) -> dict[str, np.ndarray]:
-        arrays = self._open.get(shard)
-        if arrays is None:
+    def _reader(self, shard: int) -> ShardReader:
+        reader = self._open.pop(shard, None)
+        if reader is None:
             path = self.graph_dir / self.manifest["shards"][shard]["file"]
-            try:
-                arrays = verified_arrays(path)
-                check_graph_arrays(arrays, self.settings.max_num_nbr, f"graph shard {path}")
-            except ShardFormatError as exc:
+            try:  # its sha256 matched the manifest's, which was written only after its content passed every check
+                reader = ShardReader(path)
+            except (ShardFormatError, OSError) as exc:
                 raise self._stale(shard, str(exc)) from None
-            self._open[shard] = arrays
-        return arrays
+            if len(self._open) >= OPEN_SHARDS:
+                self._open.pop(next(iter(self._open))).close()
+        self._open[shard] = reader  # most recently used last
+        return reader
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, index: int) -> CrystalItem:
-        arrays = self._arrays(int(self._shard[index]))
-        position = int(self._position[index])
-        a0, a1 = arrays["atom_ptr"][position], arrays["atom_ptr"][position + 1]
+        shard = int(self._shard[index])
+        try:
+            arrays = self._reader(shard).crystal(int(self._position[index]))
+        except ShardFormatError as exc:
+            raise self._stale(shard, str(exc)) from None
         return CrystalItem(
             id=self.ids[index],
-            numbers=arrays["numbers"][a0:a1],
-            nbr_idx=arrays["nbr_idx"][a0:a1],
-            nbr_dist=arrays["nbr_dist"][a0:a1],
-            nbr_count=arrays["nbr_count"][a0:a1],
+            numbers=arrays["numbers"],
+            nbr_idx=arrays["nbr_idx"],
+            nbr_dist=arrays["nbr_dist"],
+            nbr_count=arrays["nbr_count"],
             targets=self._targets[index],
         )
 
@@ -232,5 +262,5 @@ class GraphDataset(torch.utils.data.Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_open"] = {}  # memory maps are reopened in the receiving process (DataLoader workers)
+        state["_open"] = {}  # files are reopened in the receiving process (DataLoader workers)
         return state

@@ -9,9 +9,10 @@ Layout of a ``.cgs`` file (crystal graph shard):
   of 64) and ``content_sha256`` the sha256 of the arrays' bytes in header order, taken when the shard was written;
 - the arrays, C order, each starting at its offset.
 
-Readers map the file and take zero-copy views of the arrays, so opening a shard costs its header only and
-the operating system pages in the crystals that are used. :func:`verified_arrays` first checks the content
-against ``content_sha256`` and :func:`check_graph_arrays`, so a damaged file is refused, never trained on.
+Readers map the file and take zero-copy views of the arrays (:func:`map_arrays`), or read one crystal's rows at a
+time (:class:`ShardReader`, what training uses), so opening a shard costs its header only. :func:`verified_arrays`
+first checks the content against ``content_sha256`` and :func:`check_graph_arrays`, so a damaged file is refused,
+never trained on.
 """
 
 from __future__ import annotations
@@ -135,6 +136,76 @@ def map_arrays(path: str | Path, header: dict[str, Any] | None = None) -> dict[s
             raise ShardFormatError(f"{path} is truncated: array '{name}' ends at byte {end}, the file has {size}")
         arrays[name] = np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
     return arrays
+
+
+class ShardReader:
+    """One crystal's rows of a shard at a time, by positioned reads of just those bytes: unlike a memory map, whose
+    pages stay resident (and the kernel maps 64 KB around each one touched), the memory a reader holds is the
+    crystals being batched, whatever the size of the dataset. Keeps the file open; ``close`` releases it."""
+
+    ROWS = ("numbers", "nbr_idx", "nbr_dist", "nbr_count")
+
+    def __init__(self, path: str | Path, header: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        header = header or read_header(self.path)
+        self.layout: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        for name, spec in header["arrays"].items():
+            try:
+                dtype, shape = np.dtype(spec["dtype"]), tuple(int(n) for n in spec["shape"])
+                row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+                self.layout[name] = (dtype, shape, int(spec["offset"]), row_bytes)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ShardFormatError(f"{self.path} has a damaged header entry for array '{name}': {exc}") from None
+        self.handle = open(self.path, "rb")  # noqa: SIM115 (held open between reads; closed by close())
+        self.atom_ptr = self._rows("atom_ptr", 0, self.layout["atom_ptr"][1][0])
+        self.radius = self._rows("radius", 0, self.layout["radius"][1][0])
+        if len(self.atom_ptr) != len(self.radius) + 1:
+            raise ShardFormatError(f"{self.path} is damaged: its atom pointers do not match its crystals")
+
+    def _rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        dtype, shape, offset, row_bytes = self.layout[name]
+        size = (stop - start) * row_bytes
+        data = os.pread(self.handle.fileno(), size, offset + start * row_bytes)
+        if len(data) != size:
+            raise ShardFormatError(f"{self.path} is truncated: array '{name}' ends past the end of the file")
+        return np.frombuffer(data, dtype=dtype).reshape((stop - start, *shape[1:]))
+
+    def crystal(self, position: int) -> dict[str, np.ndarray]:
+        """The per-atom arrays (``numbers``, ``nbr_idx``, ``nbr_dist``, ``nbr_count``) of crystal ``position``,
+        checked as :func:`check_graph_arrays` checks a shard (a file altered after its manifest is never trained on).
+        """
+        a0, a1 = int(self.atom_ptr[position]), int(self.atom_ptr[position + 1])
+        if not 0 <= a0 <= a1:
+            raise ShardFormatError(f"{self.path} is damaged: its atom pointers do not partition the atoms")
+        arrays = {name: self._rows(name, a0, a1) for name in self.ROWS}
+        problem = _crystal_problem(arrays, float(self.radius[position]))
+        if problem:
+            raise ShardFormatError(f"{self.path} is damaged: {problem} (its crystal {position})")
+        return arrays
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _crystal_problem(arrays: dict[str, np.ndarray], radius: float) -> str | None:
+    """What is wrong with one crystal's graph arrays, or None: the checks of :func:`check_graph_arrays`, per crystal."""
+    numbers, idx, dist, counts = (arrays[name] for name in ShardReader.ROWS)
+    atoms, slots = idx.shape if idx.ndim == 2 else (len(numbers), -1)
+    if not len(numbers):
+        return None
+    if dist.shape != idx.shape or counts.shape != (atoms,) or atoms != len(numbers):
+        return "its neighbour arrays do not match its atoms"
+    if numbers.min() < 1 or numbers.max() > 118:
+        return "atomic numbers outside 1-118"
+    if counts.max() > slots:
+        return f"more than max_num_nbr={slots} neighbours for an atom"
+    if idx.max() >= atoms or idx.min() < 0:
+        return "neighbour indices outside their crystal"
+    real = dist[np.arange(slots)[None, :] < counts[:, None]]
+    with np.errstate(invalid="ignore"):
+        if not (np.isfinite(real) & (real > 0) & (real <= radius * (1 + 1e-6) + 1e-6)).all():
+            return "neighbour distances that are not finite, positive and within the radius"
+    return None
 
 
 def content_sha256(arrays: dict[str, np.ndarray]) -> str:
