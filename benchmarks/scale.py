@@ -39,8 +39,10 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 from inputs import REPO, SHARED_DATA, WORK, mp2018_cifs
 
+STAGES = ("data", "graphs", "pretrain")
 LABELS = ["formation_energy_per_atom", "band_gap", "energy_per_atom", "efermi", "K_VRH", "G_VRH"]
 
 
@@ -140,7 +142,6 @@ def replicate_table(reference: Path, size: int, data: Path) -> int:
     stage writes a table (row groups, recorded sha256): the table the data stage would give, without parsing."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from crystal_transfer.atomic import record_sha256
     from crystal_transfer.data.stage import ROW_GROUP_ROWS
@@ -156,18 +157,21 @@ def replicate_table(reference: Path, size: int, data: Path) -> int:
     return source.num_rows * size
 
 
-def measure(size: int, work: Path, workers: int, max_batches: int, shard_size: int, parse: bool) -> dict[str, dict]:
-    """The three stages at one size: {stage: {crystals, seconds, peak_mb}}; without ``parse`` the table is the x1
-    table replicated (no data stage)."""
+def measure(size: int, work: Path, workers: int, max_batches: int, shard_size: int, parse: bool,
+            stages: set[str]) -> dict[str, dict]:
+    """The ``stages`` at one size: {stage: {crystals, seconds, peak_mb}}; without ``parse`` the table is the x1
+    table replicated (no data stage). A stage left out reuses the outputs of an earlier run."""
     folder = work / f"x{size}"
     logs = folder / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     data = folder / "data"
-    for stale in (data / "crystals.parquet", data / "crystals.parquet.parts"):
-        subprocess.run(["rm", "-rf", str(stale)], check=True)
     result: dict[str, dict] = {}
     table = data / "crystals.parquet"
-    if parse:
+    if "data" not in stages:
+        kept = pq.read_metadata(table).num_rows
+    elif parse:
+        for stale in (table, data / "crystals.parquet.parts"):
+            subprocess.run(["rm", "-rf", str(stale)], check=True)
         archive, labels, records = replicate(size, folder / "source")
         spec = {
             "sources": [{"type": "local", "name": "mp2018", "path": str(archive), "labels": str(labels),
@@ -180,8 +184,15 @@ def measure(size: int, work: Path, workers: int, max_batches: int, shard_size: i
         kept = json.loads((data / "summary.json").read_text())["kept"]
     else:
         kept = replicate_table(work / "x1" / "data" / "crystals.parquet", size, data)
+    if "graphs" in stages:
+        result["graphs"] = graph_stage(table, folder / "graphs", kept, workers, shard_size, logs)
+    if "pretrain" in stages:
+        result["pretrain"] = pretrain_stage(table, folder / "graphs", folder / "pretrain", max_batches, logs)
+    return result
 
-    graphs = folder / "graphs"
+
+def graph_stage(table: Path, graphs: Path, kept: int, workers: int, shard_size: int, logs: Path) -> dict:
+    """plan, the shard jobs (``workers`` at a time), manifest."""
     subprocess.run(["rm", "-rf", str(graphs)], check=True)
     settings = json.dumps({"shard_size": shard_size})
     started = time.perf_counter()
@@ -193,10 +204,12 @@ def measure(size: int, work: Path, workers: int, max_batches: int, shard_size: i
               str(entry["index"])), logs / f"graph_shard-{entry['index']:05d}.log") for entry in shards], workers)
     _, manifest_peak = run_jobs([(cli("graphs", "manifest", "--plan", str(graphs / "plan.json"), "--out",
                                       str(graphs / "manifest.json")), logs / "graph_manifest.log")], 1)
-    result["graphs"] = {"crystals": kept, "seconds": time.perf_counter() - started,
-                        "peak_mb": max(plan_peak, shard_peak, manifest_peak), "shards": len(shards)}
+    return {"crystals": kept, "seconds": time.perf_counter() - started,
+            "peak_mb": max(plan_peak, shard_peak, manifest_peak), "shards": len(shards)}
 
-    out = folder / "pretrain"
+
+def pretrain_stage(table: Path, graphs: Path, out: Path, max_batches: int, logs: Path) -> dict:
+    """One capped epoch of a formation-energy CGCNN on the whole table."""
     subprocess.run(["rm", "-rf", str(out)], check=True)
     # val and test 30 %: at x1 each pass has more crystals than max_batches takes, so every size does the same work
     model = {"kind": "train", "dataset": "mp2018", "targets": ["formation_energy_per_atom"], "val": 0.3,
@@ -206,8 +219,8 @@ def measure(size: int, work: Path, workers: int, max_batches: int, shard_size: i
                                    "--graphs", str(graphs), "--out", str(out)), logs / "pretrain.log")], 1)
     record = json.loads((out / "test.json").read_text())
     seen = sum(min(record[f"n_{part}"], max_batches * 64) for part in ("train", "val", "test"))
-    result["pretrain"] = {"crystals": seen, "seconds": seconds, "peak_mb": peak, "dataset": kept}
-    return result
+    return {"crystals": seen, "seconds": seconds, "peak_mb": peak, "dataset": sum(
+        record[f"n_{part}"] for part in ("train", "val", "test"))}
 
 
 def main() -> None:
@@ -217,6 +230,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="data-stage parser processes; shard jobs at a time")
     parser.add_argument("--max-batches", type=int, default=100, help="batches per pretraining pass (of 64)")
     parser.add_argument("--shard-size", type=int, default=2048, help="graphs.shard_size")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help="stages to measure (the others' outputs and figures come from an earlier run)")
     parser.add_argument("--parse-up-to", type=int, default=30,
                         help="sizes above this take the x1 table replicated instead of running the data stage")
     args = parser.parse_args()
@@ -229,11 +244,19 @@ def main() -> None:
     figures: dict[int, dict[str, dict]] = {}
     header = f"{'stage':<9} {'size':>5} {'crystals':>10} {'wall s':>9} {'crystals/s':>11} {'peak MB':>8} " \
              f"{'s/crystal ratio':>15} {'RSS ratio':>9}"
+    stages = set(args.stages.split(","))
+    earlier = json.loads((work / "scale.json").read_text()) if (work / "scale.json").is_file() else {}
+    if stages != set(STAGES):
+        print(f"measuring {', '.join(sorted(stages))}; the other stages' figures are those of the earlier run in "
+              f"{work / 'scale.json'}", flush=True)
     for size in sizes:
-        figures[size] = measure(size, work, args.workers, args.max_batches, args.shard_size, size <= args.parse_up_to)
+        measured = measure(size, work, args.workers, args.max_batches, args.shard_size, size <= args.parse_up_to,
+                           stages)
+        figures[size] = {stage: row for stage, row in {**earlier.get(str(size), {}), **measured}.items()
+                         if stage in STAGES}
         print(f"x{size} done, load average {os.getloadavg()[0]:.2f}", flush=True)
         print(header)
-        for stage in ("data", "graphs", "pretrain"):
+        for stage in STAGES:
             for done in figures:
                 if stage not in figures[done]:
                     print(f"{stage:<9} x{done:<4} (not run: the x1 table replicated, --parse-up-to)")
@@ -246,10 +269,11 @@ def main() -> None:
                       f"{row['peak_mb'] / ref['peak_mb']:>9.2f}")
         print(flush=True)
     largest, first = figures[sizes[-1]], figures[sizes[0]]
-    rss = max(s["peak_mb"] for s in largest.values()) / max(first[s]["peak_mb"] for s in largest)
+    both = [stage for stage in STAGES if stage in largest and stage in first]
+    rss = max(largest[s]["peak_mb"] for s in both) / max(first[s]["peak_mb"] for s in both)
     per_crystal = max((largest[s]["seconds"] / largest[s]["crystals"]) / (first[s]["seconds"] / first[s]["crystals"])
-                      for s in largest)
-    (work / "scale.json").write_text(json.dumps({str(k): v for k, v in figures.items()}, indent=2))
+                      for s in both)
+    (work / "scale.json").write_text(json.dumps({**earlier, **{str(k): v for k, v in figures.items()}}, indent=2))
     print(f"scale: x{sizes[-1]} peak RSS ratio {rss:.2f}, time per crystal ratio {per_crystal:.2f}")
 
 

@@ -149,15 +149,19 @@ class GraphDataset(torch.utils.data.Dataset):
         row_starts = np.array([entry["rows"][0] for entry in self.manifest["shards"]], dtype=np.int64)
         self._shard = np.searchsorted(row_starts, rows, side="right") - 1
         self._position = np.empty(len(rows), dtype=np.int64)
-        for shard in np.unique(self._shard):
-            header = self._verified_header(int(shard))
+        self._layouts: dict[int, dict[str, Any]] = {}
+        order = np.argsort(self._shard, kind="stable")
+        shards, firsts = np.unique(self._shard[order], return_index=True)
+        for shard, members in zip(shards.tolist(), np.split(order, firsts[1:]) if len(order) else [], strict=True):
+            header = self._verified_header(shard)
+            self._layouts[shard] = header["arrays"]
             position_of = {crystal_id: k for k, crystal_id in enumerate(header["meta"]["ids"])}
-            members = np.flatnonzero(self._shard == shard)
             try:
                 self._position[members] = [position_of[wanted[k]] for k in members]
             except KeyError as exc:
-                raise self._stale(int(shard), f"it does not hold crystal {exc}") from None
-        self._open: dict[int, ShardReader] = {}
+                raise self._stale(shard, f"it does not hold crystal {exc}") from None
+        self._readers: dict[int, ShardReader] = {}  # a reader holds its shard's pointers and radii: kilobytes
+        self._open: dict[int, None] = {}  # shards whose file is open, least recently read first
 
     @classmethod
     def from_split(
@@ -226,16 +230,17 @@ class GraphDataset(torch.utils.data.Dataset):
         return header
 
     def _reader(self, shard: int) -> ShardReader:
-        reader = self._open.pop(shard, None)
+        reader = self._readers.get(shard)
         if reader is None:
             path = self.graph_dir / self.manifest["shards"][shard]["file"]
             try:  # its sha256 matched the manifest's, which was written only after its content passed every check
-                reader = ShardReader(path)
+                reader = self._readers[shard] = ShardReader(path, self._layouts[shard])
             except (ShardFormatError, OSError) as exc:
                 raise self._stale(shard, str(exc)) from None
-            if len(self._open) >= OPEN_SHARDS:
-                self._open.pop(next(iter(self._open))).close()
-        self._open[shard] = reader  # most recently used last
+        self._open.pop(shard, None)
+        self._open[shard] = None  # most recently read last; the least recent file is closed beyond OPEN_SHARDS
+        if len(self._open) > OPEN_SHARDS:
+            self._readers[self._open.pop(next(iter(self._open)))].close()
         return reader
 
     def __len__(self) -> int:
@@ -262,5 +267,5 @@ class GraphDataset(torch.utils.data.Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_open"] = {}  # files are reopened in the receiving process (DataLoader workers)
+        state["_readers"], state["_open"] = {}, {}  # files are reopened in the receiving process (DataLoader workers)
         return state

@@ -141,22 +141,25 @@ def map_arrays(path: str | Path, header: dict[str, Any] | None = None) -> dict[s
 class ShardReader:
     """One crystal's rows of a shard at a time, by positioned reads of just those bytes: unlike a memory map, whose
     pages stay resident (and the kernel maps 64 KB around each one touched), the memory a reader holds is the
-    crystals being batched, whatever the size of the dataset. Keeps the file open; ``close`` releases it."""
+    crystals being batched, whatever the size of the dataset. The file is opened on the first read and may be
+    closed (``close``) between reads, for a dataset of more shards than a process may hold open."""
 
     ROWS = ("numbers", "nbr_idx", "nbr_dist", "nbr_count")
 
-    def __init__(self, path: str | Path, header: dict[str, Any] | None = None) -> None:
+    def __init__(self, path: str | Path, arrays: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
-        header = header or read_header(self.path)
         self.layout: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
-        for name, spec in header["arrays"].items():
+        for name, spec in (arrays if arrays is not None else read_header(self.path)["arrays"]).items():
             try:
                 dtype, shape = np.dtype(spec["dtype"]), tuple(int(n) for n in spec["shape"])
                 row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
                 self.layout[name] = (dtype, shape, int(spec["offset"]), row_bytes)
             except (KeyError, TypeError, ValueError) as exc:
                 raise ShardFormatError(f"{self.path} has a damaged header entry for array '{name}': {exc}") from None
-        self.handle = open(self.path, "rb")  # noqa: SIM115 (held open between reads; closed by close())
+        missing = [name for name in ("atom_ptr", "radius", *self.ROWS) if name not in self.layout]
+        if missing:
+            raise ShardFormatError(f"{self.path} lacks the arrays {', '.join(missing)}")
+        self.fd: int | None = None
         self.atom_ptr = self._rows("atom_ptr", 0, self.layout["atom_ptr"][1][0])
         self.radius = self._rows("radius", 0, self.layout["radius"][1][0])
         if len(self.atom_ptr) != len(self.radius) + 1:
@@ -164,8 +167,10 @@ class ShardReader:
 
     def _rows(self, name: str, start: int, stop: int) -> np.ndarray:
         dtype, shape, offset, row_bytes = self.layout[name]
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_RDONLY)
         size = (stop - start) * row_bytes
-        data = os.pread(self.handle.fileno(), size, offset + start * row_bytes)
+        data = os.pread(self.fd, size, offset + start * row_bytes)
         if len(data) != size:
             raise ShardFormatError(f"{self.path} is truncated: array '{name}' ends past the end of the file")
         return np.frombuffer(data, dtype=dtype).reshape((stop - start, *shape[1:]))
@@ -184,7 +189,16 @@ class ShardReader:
         return arrays
 
     def close(self) -> None:
-        self.handle.close()
+        """Close the file (the next read opens it again)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "fd": None}  # a file descriptor does not cross to another process
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def _crystal_problem(arrays: dict[str, np.ndarray], radius: float) -> str | None:
