@@ -48,3 +48,4 @@ bench: setup
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/transfer.py
 	$(BIN)/python benchmarks/features.py
+	$(BIN)/python benchmarks/scale.py --sizes 1,3

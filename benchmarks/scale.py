@@ -245,7 +245,8 @@ def main() -> None:
     header = f"{'stage':<9} {'size':>5} {'crystals':>10} {'wall s':>9} {'crystals/s':>11} {'peak MB':>8} " \
              f"{'s/crystal ratio':>15} {'RSS ratio':>9}"
     stages = set(args.stages.split(","))
-    earlier = json.loads((work / "scale.json").read_text()) if (work / "scale.json").is_file() else {}
+    partial = stages != set(STAGES) and (work / "scale.json").is_file()
+    earlier = json.loads((work / "scale.json").read_text()) if partial else {}
     if stages != set(STAGES):
         print(f"measuring {', '.join(sorted(stages))}; the other stages' figures are those of the earlier run in "
               f"{work / 'scale.json'}", flush=True)
@@ -254,6 +255,8 @@ def main() -> None:
                            stages)
         figures[size] = {stage: row for stage, row in {**earlier.get(str(size), {}), **measured}.items()
                          if stage in STAGES}
+        earlier[str(size)] = figures[size]
+        (work / "scale.json").write_text(json.dumps(earlier, indent=2))  # kept if a later size fails
         print(f"x{size} done, load average {os.getloadavg()[0]:.2f}", flush=True)
         print(header)
         for stage in STAGES:
@@ -273,7 +276,6 @@ def main() -> None:
     rss = max(largest[s]["peak_mb"] for s in both) / max(first[s]["peak_mb"] for s in both)
     per_crystal = max((largest[s]["seconds"] / largest[s]["crystals"]) / (first[s]["seconds"] / first[s]["crystals"])
                       for s in both)
-    (work / "scale.json").write_text(json.dumps({**earlier, **{str(k): v for k, v in figures.items()}}, indent=2))
     print(f"scale: x{sizes[-1]} peak RSS ratio {rss:.2f}, time per crystal ratio {per_crystal:.2f}")
 
 

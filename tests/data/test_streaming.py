@@ -194,3 +194,29 @@ def test_a_crystal_has_the_same_graph_and_tensors_at_x1_and_x3(mp2018_texts, mp2
     for name in ("numbers", "nbr_idx", "nbr_dist", "nbr_mask", "crystal", "targets"):
         assert torch.equal(getattr(first, name), getattr(second, name)), name
     assert torch.equal(out1, out3)
+
+
+def test_a_dataset_over_more_shards_than_it_keeps_open(mp2018_texts, mp2018_labels, tmp_path, monkeypatch):
+    """Reading in random order across more shards than OPEN_SHARDS closes the least recently read files and reopens
+    them on demand; every crystal is served as when every file stays open."""
+    from crystal_transfer.data.stage import build_dataset
+    from crystal_transfer.graphs import dataset as graph_dataset
+    from crystal_transfer.graphs.settings import GraphSettings
+    from crystal_transfer.graphs.stage import build_graphs
+
+    spec = write_replicated(dict(list(mp2018_texts.items())[:200]), mp2018_labels, 1, tmp_path / "source")
+    build_dataset("mp2018", spec, tmp_path / "data", workers=1, log=lambda _: None)
+    table = tmp_path / "data" / "crystals.parquet"
+    build_graphs(table, tmp_path / "graphs", GraphSettings(), shard_size=16, dataset="mp2018", workers=1,
+                 log=lambda _: None)
+    every = graph_dataset.GraphDataset(tmp_path / "graphs", targets=LABELS, table=table)
+    order = np.random.default_rng(0).permutation(len(every)).tolist() * 2
+    expected = {i: every[i] for i in order}
+    monkeypatch.setattr(graph_dataset, "OPEN_SHARDS", 3)
+    few = graph_dataset.GraphDataset(tmp_path / "graphs", targets=LABELS, table=table)
+    for i in order:
+        item = few[i]
+        assert len(few._open) <= 3
+        for name in ("numbers", "nbr_idx", "nbr_dist", "nbr_count"):
+            np.testing.assert_array_equal(getattr(item, name), getattr(expected[i], name))
+    assert len(few._readers) > 10 and sum(reader.fd is not None for reader in few._readers.values()) <= 3

@@ -240,7 +240,9 @@ class GraphDataset(torch.utils.data.Dataset):
         self._open.pop(shard, None)
         self._open[shard] = None  # most recently read last; the least recent file is closed beyond OPEN_SHARDS
         if len(self._open) > OPEN_SHARDS:
-            self._readers[self._open.pop(next(iter(self._open)))].close()
+            oldest = next(iter(self._open))
+            del self._open[oldest]
+            self._readers[oldest].close()
         return reader
 
     def __len__(self) -> int:
