@@ -35,6 +35,20 @@ from crystal_transfer.graphs.stage import REJECTED_FILE, file_sha256, read_manif
 OPEN_SHARDS = 64
 _SHARD_SHA256: dict[tuple[str, int, int], str] = {}
 _TABLE_INDEX: dict[str, Any] = {}
+_SHARD_HEADERS: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+
+def _shard_header(path: Path) -> dict[str, Any]:
+    """What a dataset needs of a shard's header (layout, settings, table, crystal count), parsed once per process
+    while the file's size and time stay the same (the train, validation and test sets of a run share it)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHARD_HEADERS:
+        header = read_header(path)
+        meta = header["meta"]
+        _SHARD_HEADERS[key] = {"arrays": header["arrays"], "settings": meta.get("settings"),
+                               "table_sha256": meta.get("table_sha256"), "crystals": len(meta.get("ids", []))}
+    return _SHARD_HEADERS[key]
 
 
 def _shard_sha256(path: Path) -> str:
@@ -146,20 +160,22 @@ class GraphDataset(torch.utils.data.Dataset):
         self.ids = wanted
         rows = np.fromiter((row_of[i] for i in wanted), dtype=np.int64, count=len(wanted))
         self._targets = labels[rows] if len(self.targets) else np.zeros((len(rows), 0), np.float32)
-        row_starts = np.array([entry["rows"][0] for entry in self.manifest["shards"]], dtype=np.int64)
-        self._shard = np.searchsorted(row_starts, rows, side="right") - 1
-        self._position = np.empty(len(rows), dtype=np.int64)
+        # A shard holds its table rows less those the graph stage rejected, in order: a crystal's position in its
+        # shard is its row's offset less the rejected rows before it (checked below against each shard's count).
+        bounds = np.array([entry["rows"] for entry in self.manifest["shards"]], dtype=np.int64).reshape(-1, 2)
+        self._shard = np.searchsorted(bounds[:, 0], rows, side="right") - 1
+        gone = np.sort(np.fromiter((row_of[i] for i in rejected if i in row_of), dtype=np.int64))
+        first = bounds[self._shard, 0] if len(rows) else np.zeros(0, np.int64)
+        self._position = rows - first - (np.searchsorted(gone, rows) - np.searchsorted(gone, first))
         self._layouts: dict[int, dict[str, Any]] = {}
-        order = np.argsort(self._shard, kind="stable")
-        shards, firsts = np.unique(self._shard[order], return_index=True)
-        for shard, members in zip(shards.tolist(), np.split(order, firsts[1:]) if len(order) else [], strict=True):
+        for shard in np.unique(self._shard).tolist():
             header = self._verified_header(shard)
+            start, stop = bounds[shard]
+            expected = int(stop - start - (np.searchsorted(gone, stop) - np.searchsorted(gone, start)))
+            if header["crystals"] != expected:
+                raise self._stale(shard, f"it holds {header['crystals']} crystals, not the {expected} of its table "
+                                         "rows that the graph stage kept")
             self._layouts[shard] = header["arrays"]
-            position_of = {crystal_id: k for k, crystal_id in enumerate(header["meta"]["ids"])}
-            try:
-                self._position[members] = [position_of[wanted[k]] for k in members]
-            except KeyError as exc:
-                raise self._stale(shard, f"it does not hold crystal {exc}") from None
         self._readers: dict[int, ShardReader] = {}  # a reader holds its shard's pointers and radii: kilobytes
         self._open: dict[int, None] = {}  # shards whose file is open, least recently read first
 
@@ -209,6 +225,8 @@ class GraphDataset(torch.utils.data.Dataset):
         )
 
     def _verified_header(self, shard: int) -> dict[str, Any]:
+        """The shard's array layout and crystal count, once its file matches the manifest's sha256 and its header
+        the manifest's settings and table."""
         entry = self.manifest["shards"][shard]
         path = self.graph_dir / entry["file"]
         if not path.is_file():
@@ -219,11 +237,10 @@ class GraphDataset(torch.utils.data.Dataset):
                 shard, f"it is corrupted or was replaced (sha256 {digest[:12]}…, manifest {entry['sha256'][:12]}…)"
             )
         try:
-            header = read_header(path)
+            header = _shard_header(path)
         except ShardFormatError as exc:
             raise self._stale(shard, str(exc)) from None
-        meta = header["meta"]
-        if meta["settings"] != self.manifest["settings"] or meta["table_sha256"] != self.manifest["table_sha256"]:
+        if header["settings"] != self.manifest["settings"] or header["table_sha256"] != self.manifest["table_sha256"]:
             raise self._stale(
                 shard, "it was built with other graph settings or from another table than the manifest says"
             )
