@@ -11,9 +11,10 @@ The synthetic dataset: every mp2018 structure (the real CIF text) ``size`` times
 - data: ``crystal_transfer data`` (one job, ``--workers`` parser processes); time per crystal over the records read;
 - graphs: ``graphs plan``, then every ``graphs shard`` job (``--workers`` at a time, as ``snakemake --cores``
   would), then ``graphs manifest``; time per crystal over the table's rows, the largest shard job's memory;
-- pretrain: ``crystal_transfer pretrain`` of a formation-energy CGCNN (published architecture, batch 64) for one
-  epoch of ``--max-batches`` batches per pass (train, validation, test: the same work at every size, so what
-  grows with the dataset shows); time per crystal over the crystals the passes saw.
+- pretrain: ``crystal_transfer pretrain`` of a formation-energy CGCNN (published architecture, batch 64) on the
+  whole table, for one epoch of ``--max-batches`` training batches, then its 2,000 validation and 2,000 test
+  crystals (the same work at every size, so what grows with the dataset shows); time per crystal over the
+  crystals the passes saw.
 
 Peak memory of a job: the largest sum of the resident set sizes of the job's process and its children, sampled
 every 20 ms, and at least the process's own ``ru_maxrss``. The last line reads
@@ -211,14 +212,16 @@ def graph_stage(table: Path, graphs: Path, kept: int, workers: int, shard_size: 
 def pretrain_stage(table: Path, graphs: Path, out: Path, max_batches: int, logs: Path) -> dict:
     """One capped epoch of a formation-energy CGCNN on the whole table."""
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    # val and test 30 %: at x1 each pass has more crystals than max_batches takes, so every size does the same work
-    model = {"kind": "train", "dataset": "mp2018", "targets": ["formation_energy_per_atom"], "val": 0.3,
-             "test": 0.3, "seed": 0, "architecture": {},
+    # 2,000 validation and 2,000 test crystals at every size, and max_batches of training: the same work at every size
+    model = {"kind": "train", "dataset": "mp2018", "targets": ["formation_energy_per_atom"], "val": 2000,
+             "test": 2000, "seed": 0, "architecture": {},
              "train": {"epochs": 1, "batch_size": 64, "max_batches": max_batches, "lr": 0.01}}
     seconds, peak = run_jobs([(cli("pretrain", "--name", "scale", "--spec", json.dumps(model), "--table", str(table),
                                    "--graphs", str(graphs), "--out", str(out)), logs / "pretrain.log")], 1)
     record = json.loads((out / "test.json").read_text())
     seen = sum(min(record[f"n_{part}"], max_batches * 64) for part in ("train", "val", "test"))
+    if record["n_train"] < max_batches * 64:
+        raise SystemExit(f"{record['n_train']} training crystals: fewer than --max-batches takes at this size")
     return {"crystals": seen, "seconds": seconds, "peak_mb": peak, "dataset": sum(
         record[f"n_{part}"] for part in ("train", "val", "test"))}
 
@@ -228,7 +231,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,3,10,30", help="replication factors, comma-separated (first: reference)")
     parser.add_argument("--work", default=str(WORK / "scale"), help="folder for the datasets and outputs")
     parser.add_argument("--workers", type=int, default=2, help="data-stage parser processes; shard jobs at a time")
-    parser.add_argument("--max-batches", type=int, default=100, help="batches per pretraining pass (of 64)")
+    parser.add_argument("--max-batches", type=int, default=300, help="training batches (of 64) in the epoch")
     parser.add_argument("--shard-size", type=int, default=2048, help="graphs.shard_size")
     parser.add_argument("--stages", default=",".join(STAGES),
                         help="stages to measure (the others' outputs and figures come from an earlier run)")

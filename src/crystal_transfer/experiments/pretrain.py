@@ -21,7 +21,8 @@ from crystal_transfer.training.trainer import TrainSettings
 def pretrain_split(
     table_path: str | Path, targets: Sequence[str], subsample: int, val: float, test: float, seed: int
 ) -> dict[str, list[str]]:
-    """Ids with at least one target label, sorted, shuffled with ``seed``, optionally subsampled, then cut."""
+    """Ids with at least one target label, sorted, shuffled with ``seed``, optionally subsampled, then cut: ``val``
+    and ``test`` are fractions below 1, else numbers of crystals."""
     table = read_table(table_path, columns=["id", *targets])
     ids = np.asarray(table.column("id").to_pylist(), dtype=object)
     labelled = np.zeros(len(ids), dtype=bool)
@@ -34,7 +35,10 @@ def pretrain_split(
         if subsample > len(chosen):
             raise InputError(f"subsample={subsample} but only {len(chosen)} crystals have any of {list(targets)}")
         chosen = chosen[:subsample]
-    n_val, n_test = int(round(val * len(chosen))), int(round(test * len(chosen)))
+    n_val, n_test = (int(size) if size >= 1 else int(round(size * len(chosen))) for size in (val, test))
+    if n_val + n_test >= len(chosen):
+        raise InputError(f"val={val:g} and test={test:g} leave no training crystals of the {len(chosen)} with "
+                         f"any of {list(targets)}")
     return {
         "val": chosen[:n_val].tolist(),
         "test": chosen[n_val : n_val + n_test].tolist(),

@@ -51,10 +51,13 @@ def _shard_header(path: Path) -> dict[str, Any]:
     return _SHARD_HEADERS[key]
 
 
-def _shard_sha256(path: Path) -> str:
-    """A shard file's sha256, hashed once per process while its size and time stay the same (the train, validation
-    and test datasets of a run share their shards)."""
+def _shard_sha256(path: Path, entry: dict[str, Any]) -> str:
+    """A shard file's sha256: the manifest's while the file keeps the size and time the manifest recorded with it
+    (a file altered since has another time; a crystal's values are checked again when it is read), else hashed,
+    once per process while its size and time stay the same."""
     stat = path.stat()
+    if entry.get("bytes") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+        return str(entry["sha256"])
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _SHARD_SHA256:
         _SHARD_SHA256[key] = file_sha256(path)
@@ -140,10 +143,11 @@ class GraphDataset(torch.utils.data.Dataset):
         table_ids, labels, row_of = self._read_table(table)
         rejected = self._rejected_ids()
         wanted = [i for i in table_ids if i not in rejected] if ids is None else list(ids)
-        unknown = [i for i in wanted if i not in row_of]
-        if unknown:
+        found = np.fromiter((row_of.get(i, -1) for i in wanted), dtype=np.int64, count=len(wanted))
+        if (found < 0).any():
+            unknown = [wanted[k] for k in np.flatnonzero(found < 0)]
             raise MissingError(f"{len(unknown)} ids are not in {table}, e.g. {', '.join(map(str, unknown[:5]))}")
-        dropped = [i for i in wanted if i in rejected]
+        dropped = [i for i in wanted if i in rejected] if rejected else []
         if dropped:
             if on_rejected == "raise":
                 raise GraphStageError(
@@ -156,9 +160,10 @@ class GraphDataset(torch.utils.data.Dataset):
                 stacklevel=2,
             )
             self.skipped = dropped
-            wanted = [i for i in wanted if i not in rejected]
+            keep = np.fromiter((i not in rejected for i in wanted), dtype=bool, count=len(wanted))
+            wanted, found = [i for i in wanted if i not in rejected], found[keep]
         self.ids = wanted
-        rows = np.fromiter((row_of[i] for i in wanted), dtype=np.int64, count=len(wanted))
+        rows = found
         self._targets = labels[rows] if len(self.targets) else np.zeros((len(rows), 0), np.float32)
         # A shard holds its table rows less those the graph stage rejected, in order: a crystal's position in its
         # shard is its row's offset less the rejected rows before it (checked below against each shard's count).
@@ -231,7 +236,7 @@ class GraphDataset(torch.utils.data.Dataset):
         path = self.graph_dir / entry["file"]
         if not path.is_file():
             raise self._stale(shard, "the file is missing")
-        digest = _shard_sha256(path)
+        digest = _shard_sha256(path, entry)
         if digest != entry["sha256"]:
             raise self._stale(
                 shard, f"it is corrupted or was replaced (sha256 {digest[:12]}…, manifest {entry['sha256'][:12]}…)"

@@ -309,6 +309,7 @@ def write_manifest(plan_path: str | Path, out: str | Path | None = None) -> dict
                 **entry,
                 "sha256": file_sha256(path),
                 "bytes": size,
+                "mtime_ns": path.stat().st_mtime_ns,
                 "crystals": len(meta["ids"]),
                 "atoms": int(arrays["atom_ptr"][-1]),
                 "rejected": len(meta["rejected"]),
