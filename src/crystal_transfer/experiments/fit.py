@@ -27,7 +27,7 @@ from crystal_transfer.errors import InputError
 from crystal_transfer.graphs.dataset import GraphDataset
 from crystal_transfer.kernels import native
 from crystal_transfer.models.cgcnn import CGCNN
-from crystal_transfer.models.saved import fingerprint_ids, model_graph_settings, save_model
+from crystal_transfer.models.saved import data_fingerprint, model_graph_settings, save_model
 from crystal_transfer.training.normalizer import Normalizer
 from crystal_transfer.training.trainer import Trainer, TrainSettings
 
@@ -128,7 +128,8 @@ def train_and_save(
     targets = list(model.targets)
     # how each label is learned is part of the run: a checkpoint of the same run on another scale is not resumed
     record = {**record, "transforms": {t: n.transform for t, n in zip(targets, normalizers, strict=True)}}
-    fingerprint = fingerprint_ids(train_ids) + json.dumps(record, sort_keys=True)
+    identity = data_fingerprint(train_ids)
+    fingerprint = identity["sha256"] + json.dumps(record, sort_keys=True)
     collate = data["train"].collate
     trainer = Trainer(model, normalizers, settings, out_dir, collate, log=log, run_fingerprint=fingerprint)
     backend = getattr(model, "backend", None)  # graph models only
@@ -143,8 +144,8 @@ def train_and_save(
         graph_settings,
         dict(zip(targets, normalizers, strict=True)),
         training={**record, "settings": settings.__dict__, **({"data_filters": dict(data_filters or {})})},
-        train_ids=train_ids,
         inputs=inputs,
+        fingerprint=identity,
     )
     best_row = next(row for row in fit["history"] if row["epoch"] == fit["best_epoch"])
     result = {

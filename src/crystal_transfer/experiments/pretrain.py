@@ -23,14 +23,16 @@ def pretrain_split(
 ) -> dict[str, list[str]]:
     """Ids with at least one target label, sorted, shuffled with ``seed``, optionally subsampled, then cut: ``val``
     and ``test`` are fractions below 1, else numbers of crystals."""
+    import pyarrow.compute as pc
+
     table = read_table(table_path, columns=["id", *targets])
-    ids = np.asarray(table.column("id").to_pylist(), dtype=object)
-    labelled = np.zeros(len(ids), dtype=bool)
+    labelled = np.zeros(table.num_rows, dtype=bool)
     for target in targets:
         labelled |= np.isfinite(label_values(table, target))
-    usable = np.sort(ids[labelled].astype(str))
+    ids = table.column("id").filter(labelled)
+    usable = ids.take(pc.sort_indices(ids))  # UTF-8 byte order: code-point order, as Python sorts str
     order = np.random.default_rng(seed).permutation(len(usable))
-    chosen = usable[order]
+    chosen = np.asarray(usable.take(order).to_pylist(), dtype=object)
     if subsample:
         if subsample > len(chosen):
             raise InputError(f"subsample={subsample} but only {len(chosen)} crystals have any of {list(targets)}")

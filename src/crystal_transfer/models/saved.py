@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -58,9 +59,16 @@ class GraphSettingsMismatch(UserError, ValueError):
     """The graphs were built with settings other than those the model was trained with."""
 
 
+def data_fingerprint(ids: Iterable[str]) -> dict[str, Any]:
+    """``{"sha256", "num_ids"}`` of a training set: sha256 (hex) of its sorted, de-duplicated ids joined by newlines,
+    and their number (NumPy's sort: code-point order, as Python's, for a million ids in a fraction of the time)."""
+    unique = np.unique(np.asarray(list(ids), dtype=str)).tolist()
+    return {"sha256": hashlib.sha256("\n".join(unique).encode()).hexdigest(), "num_ids": len(unique)}
+
+
 def fingerprint_ids(ids: Iterable[str]) -> str:
     """sha256 (hex) of the sorted, de-duplicated ids joined by newlines: the identity of a training set."""
-    return hashlib.sha256("\n".join(sorted(set(map(str, ids)))).encode()).hexdigest()
+    return data_fingerprint(ids)["sha256"]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -157,13 +165,14 @@ def save_model(
     train_ids: Iterable[str] | None = None,
     provenance: Mapping[str, Any] | None = None,
     inputs: Mapping[str, Any] | None = None,
+    fingerprint: Mapping[str, Any] | None = None,
 ) -> Path:
     """Save ``model`` into ``folder`` (created if needed) and return the folder.
 
     ``graph_settings`` come from :func:`model_graph_settings` and are required for a model that takes graphs,
     None otherwise; ``inputs`` (what the model reads instead) is required for a model that does not;
     ``normalizers`` must cover every target; ``train_ids`` (the ids the model was fitted on) are stored as a
-    fingerprint only.
+    fingerprint only (``fingerprint``: that of :func:`data_fingerprint`, when the caller has it already).
     """
     folder = Path(folder)
     class_name = type(model).__name__
@@ -180,7 +189,8 @@ def save_model(
             raise ValueError(f"graph settings lack {missing_keys}")
     elif graph_settings is not None or not inputs:
         raise ValueError(f"a {class_name} does not take graphs: give the inputs it reads, not graph settings")
-    ids = None if train_ids is None else list(train_ids)
+    if fingerprint is None and train_ids is not None:
+        fingerprint = data_fingerprint(train_ids)
     state = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
     folder.mkdir(parents=True, exist_ok=True)
     weights_sha256 = sha256_file(save_tensors(state, folder / WEIGHTS_FILE))
@@ -192,7 +202,7 @@ def save_model(
         **({} if inputs is None else {"inputs": dict(inputs)}),  # absent for graph models: their cards unchanged
         "normalizers": {name: normalizers[name].as_dict() for name in model.targets},
         "training": dict(training or {}),
-        "data_fingerprint": None if ids is None else {"sha256": fingerprint_ids(ids), "num_ids": len(set(ids))},
+        "data_fingerprint": None if fingerprint is None else dict(fingerprint),
         "provenance": dict(provenance or {}),
         "weights_sha256": weights_sha256,
     }
