@@ -16,8 +16,7 @@ class Counter:
         self.total, self.label, self.log, self.unit = total, label, log, unit
         self.done, self.start, self.next_report = 0, time.perf_counter(), max(1, total // 10)
         self.terminal = sys.stderr.isatty()
-        if total < log_from and not self.terminal:
-            self.next_report = total + 1
+        self.quiet = total < log_from
 
     def advance(self, count: int) -> None:
         self.done += count
@@ -27,6 +26,6 @@ class Counter:
             filled = int(20 * self.done / max(self.total, 1))
             text = f"[{'#' * filled}{'.' * (20 - filled)}] {text}"
             print("\r" + text, end="" if self.done < self.total else "\n", file=sys.stderr, flush=True)
-        elif self.done >= self.next_report:
+        elif not self.quiet and (self.done >= self.next_report or self.done == self.total):
             self.log(text)
             self.next_report = self.done + max(1, self.total // 10)

@@ -614,3 +614,22 @@ def test_a_feature_cache_larger_than_its_budget_is_written_and_read_in_parts(mat
     with pytest.raises(InputError, match="streamed.part0003.pt is missing or damaged"):
         for i in range(len(whole["ids"])):
             cache["features"][int(offsets[i]):int(offsets[i + 1])]
+
+
+def test_a_long_pass_logs_its_progress_with_the_rate_and_a_short_one_does_not() -> None:
+    """Issue #20: off a terminal, a pass of at least PROGRESS_LOG_FROM crystals logs ten lines with crystals/s; a
+    shorter one none (its epoch line is enough)."""
+    from crystal_transfer.progress import Counter
+    from crystal_transfer.training.trainer import PROGRESS_LOG_FROM
+
+    lines: list[str] = []
+    long = Counter(PROGRESS_LOG_FROM * 2, "epoch 1 train", lines.append, log_from=PROGRESS_LOG_FROM)
+    for _ in range(PROGRESS_LOG_FROM * 2 // 64):
+        long.advance(64)
+    long.advance(PROGRESS_LOG_FROM * 2 % 64)
+    assert len(lines) == 10 and lines[-1].startswith(f"epoch 1 train: {PROGRESS_LOG_FROM * 2}/")
+    assert all(line.endswith("/s)") for line in lines)
+    short: list[str] = []
+    counter = Counter(PROGRESS_LOG_FROM - 1, "epoch 1 val", short.append, log_from=PROGRESS_LOG_FROM)
+    counter.advance(PROGRESS_LOG_FROM - 1)
+    assert short == []
