@@ -186,6 +186,23 @@ requeue_one_transfer() {
         sleep 0.1
     done
 }
+# What failed, for a reader who sees only the end of the output (CI keeps the last few kB): each failed
+# job's error block, the end of its rule log and of its SLURM log, and slurmctld's record of the job.
+show_failures() {
+    local file id errors
+    tail -n 8 "$work/snakemake.log" | cut -c1-300
+    errors=$(grep -A16 '^Error in rule' "$work/snakemake.log" || true)
+    printf '%s\n' "$errors" | cut -c1-400 | head -n 80
+    for file in $(printf '%s\n' "$errors" | sed -n 's/^ *log: //p' | sed 's/ (check.*//' | tr ',' '\n' | sort -u); do
+        [[ -f $file ]] || continue
+        echo "--- $file (end)"
+        tail -n 25 "$file" | cut -c1-400
+    done
+    for id in $(printf '%s\n' "$errors" | grep -oE "SLURM-job '[0-9]+'" | grep -oE '[0-9]+' | sort -u); do
+        echo "--- scontrol show job $id"
+        scontrol show job "$id" 2>&1 | head -n 30
+    done
+}
 requeue_one_transfer &
 watcher=$!
 log "SLURM run of configs/tiny.yaml through profiles/slurm -> $results"
@@ -197,7 +214,7 @@ if ! "$snakemake" --workflow-profile profiles/slurm all --configfile configs/tin
     >"$work/snakemake.log" 2>&1; then
     kill "$watcher" 2>/dev/null || true
     [[ -z $local_pid ]] || wait "$local_pid" || true
-    tail -n 40 "$work/snakemake.log"
+    show_failures
     fail "the SLURM run failed: $work/snakemake.log"
 fi
 log "SLURM run finished in $((SECONDS - slurm_started)) s"

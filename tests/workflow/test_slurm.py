@@ -87,5 +87,5 @@ def test_real_slurm_cluster(tmp_path: Path) -> None:
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
     )
     output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-5000:]
+    assert result.returncode == 0, output[-12000:]
     assert "PASS" in output

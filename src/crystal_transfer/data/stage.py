@@ -24,6 +24,7 @@ import os
 import shutil
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +65,20 @@ def _structure(lattice, numbers, frac):
     return Structure(Lattice(np.reshape(lattice, (3, 3))), list(numbers), np.reshape(frac, (-1, 3)))
 
 
-def _cross_source_duplicates(parts: list[Path], source_order: list[str]) -> dict[int, Rejection]:
-    """Rows (in table order over the ``parts``) that hold a crystal of an earlier-listed source (same formula,
-    StructureMatcher). Reads the formula and source columns, then the structures of the formulas that two
-    sources share only."""
+def _by_part(rows: Iterable[int], starts: np.ndarray) -> dict[int, list[int]]:
+    """Rows of the table (over the parts, in order) grouped by part: ``{part: [row within the part, ...]}``, where
+    ``starts[k]`` is the first row of part ``k``."""
+    grouped: dict[int, list[int]] = defaultdict(list)
+    for row in sorted(rows):
+        part = int(np.searchsorted(starts, row, side="right")) - 1
+        grouped[part].append(row - int(starts[part]))
+    return grouped
+
+
+def _cross_source_duplicates(parts: list[Path], starts: np.ndarray, source_order: list[str]) -> dict[int, Rejection]:
+    """Rows (in table order over the ``parts``, part ``k`` starting at row ``starts[k]``) that hold a crystal of an
+    earlier-listed source (same formula, StructureMatcher). Reads the formula and source columns, then the
+    structures of the formulas that two sources share only."""
     if len(source_order) < 2 or not parts:
         return {}
     from pymatgen.analysis.structure_matcher import StructureMatcher
@@ -81,16 +92,11 @@ def _cross_source_duplicates(parts: list[Path], source_order: list[str]) -> dict
     if not shared:
         return {}
     structures: dict[int, Any] = {}
-    offset = 0
-    for part in parts:  # the structures of the shared formulas, part by part
-        rows = pq.read_metadata(part).num_rows
-        wanted = [i for i in range(offset, offset + rows) if i in shared]
-        if wanted:
-            table = pq.read_table(part, columns=["lattice", "numbers", "frac_coords"])
-            for i in wanted:
-                structures[i] = _structure(*(table.column(c)[i - offset].as_py()
-                                             for c in ("lattice", "numbers", "frac_coords")))
-        offset += rows
+    for part, rows in _by_part(shared, starts).items():  # the structures of the shared formulas, part by part
+        table = pq.read_table(parts[part], columns=["lattice", "numbers", "frac_coords"])
+        for row in rows:
+            structures[int(starts[part]) + row] = _structure(*(table.column(c)[row].as_py()
+                                                               for c in ("lattice", "numbers", "frac_coords")))
     matcher = StructureMatcher()
     rank = {name: position for position, name in enumerate(source_order)}
     duplicates: dict[int, Rejection] = {}
@@ -223,19 +229,26 @@ def _finish(name: str, sources: list[Source], names: list[str], units: dict[str,
     """Cross-source duplicates, the checks on the whole, and the table written part by part in row groups."""
     # long: the summary's counts, the refusal of too many rejections and the writing share one pass of figures
     part_files = [parts.table(batch.index) for batch in batches]
+    starts = np.cumsum([0] + [len(batch.kept_ids) for batch in batches])
     rejected = [row for batch in batches for row in batch.rejected]
     reports = {source.name: report for source in sources if (report := source.report()) is not None}
-    duplicates = _cross_source_duplicates(part_files, names)
-    all_ids = [(crystal_id, source) for batch in batches
-               for crystal_id, source in zip(batch.kept_ids, batch.kept_sources, strict=True)]
-    for index, rejection in sorted(duplicates.items()):
-        crystal_id, source = all_ids[index]
-        rejected.append({"id": crystal_id, "source": source, "source_file": _source_file(part_files, index),
-                         "reason": rejection.reason, "message": rejection.message})
-    kept_count = len(all_ids) - len(duplicates)
+    duplicates = _cross_source_duplicates(part_files, starts, names)
+    dropped = _by_part(duplicates, starts)
+    for part, rows in dropped.items():
+        files = pq.read_table(part_files[part], columns=["source_file"]).column("source_file")
+        batch = batches[part]
+        for row in rows:
+            rejection = duplicates[int(starts[part]) + row]
+            rejected.append({"id": batch.kept_ids[row], "source": batch.kept_sources[row],
+                             "source_file": files[row].as_py(), "reason": rejection.reason,
+                             "message": rejection.message})
+    kept_count = int(starts[-1]) - len(duplicates)
     read_per_source: Counter[str] = Counter()
-    for batch in batches:
+    kept_per_source: Counter[str] = Counter()
+    for part, batch in enumerate(batches):
         read_per_source.update(batch.read_per_source)
+        kept_per_source.update(batch.kept_sources)
+        kept_per_source.subtract(batch.kept_sources[row] for row in dropped.get(part, []))
     total = sum(read_per_source.values())
     by_reason = Counter(row["reason"] for row in rejected)
     summary: dict[str, Any] = {
@@ -245,9 +258,7 @@ def _finish(name: str, sources: list[Source], names: list[str], units: dict[str,
         "rejected": len(rejected),
         "rejected_by_reason": dict(sorted(by_reason.items())),
         "per_source": {
-            source: {"read": read_per_source[source],
-                     "kept": sum(s == source for i, (_, s) in enumerate(all_ids) if i not in duplicates)}
-            for source in names
+            source: {"read": read_per_source[source], "kept": kept_per_source[source]} for source in names
         },
         "labels": {},
         "units": units,
@@ -282,17 +293,13 @@ def _finish(name: str, sources: list[Source], names: list[str], units: dict[str,
     labels = Counter({label: 0 for label in units})
     with atomic_path(out_dir / TABLE_FILE) as tmp:
         with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-            offset = 0
-            for part in part_files:
-                table = pq.read_table(part)
-                rows = table.num_rows
-                drop = [i - offset for i in duplicates if offset <= i < offset + rows]
-                if drop:
-                    table = table.filter(pa.array(np.isin(np.arange(rows), drop, invert=True)))
+            for part, path in enumerate(part_files):
+                table = pq.read_table(path)
+                if part in dropped:
+                    table = table.filter(pa.array(np.isin(np.arange(table.num_rows), dropped[part], invert=True)))
                 for label in units:
                     labels[label] += table.num_rows - table.column(label).null_count
                 writer.write_table(table.replace_schema_metadata(schema.metadata), row_group_size=ROW_GROUP_ROWS)
-                offset += rows
     record_sha256(out_dir / TABLE_FILE)
     summary["labels"] = dict(labels)
     write_csv(out_dir / REJECTED_FILE, REJECTED_COLUMNS, rejected)
@@ -303,16 +310,6 @@ def _finish(name: str, sources: list[Source], names: list[str], units: dict[str,
     shutil.rmtree(parts.folder, ignore_errors=True)
     log(format_summary(summary))
     return summary
-
-
-def _source_file(parts: list[Path], index: int) -> str:
-    """The ``source_file`` of row ``index`` over the parts (for a cross-source duplicate's rejection)."""
-    for part in parts:
-        rows = pq.read_metadata(part).num_rows
-        if index < rows:
-            return pq.read_table(part, columns=["source_file"]).column("source_file")[index].as_py()
-        index -= rows
-    raise IndexError(index)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
