@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import threading
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 from inputs import WORK, mp2018_table
+from memory import PeakMemory
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CRYSTAL_TRANSFER_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -45,44 +45,6 @@ def cgcnn_features(structure, radius: float = 8.0, max_num_nbr: int = 12, dmin: 
     nbr_fea_idx, nbr_fea = np.array(nbr_fea_idx), np.array(nbr_fea)
     centres = np.arange(dmin, radius + step, step)
     return nbr_fea_idx, nbr_fea, np.exp(-((nbr_fea[..., np.newaxis] - centres) ** 2) / step**2)
-
-
-class PeakMemory:
-    """Samples the resident memory of this process and all its children; ``peak`` is the largest sum seen."""
-
-    def __init__(self, interval: float = 0.05) -> None:
-        import psutil
-
-        self._process = psutil.Process()
-        self._interval = interval
-        self._stop = threading.Event()
-        self.peak = 0
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> int:
-        import psutil
-
-        total = 0
-        for process in [self._process, *self._process.children(recursive=True)]:
-            try:
-                total += process.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
-            self._stop.wait(self._interval)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._sample())
 
 
 def main() -> None:

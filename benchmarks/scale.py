@@ -36,12 +36,12 @@ import os
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 from inputs import REPO, SHARED_DATA, WORK, mp2018_cifs
+from memory import PeakMemory
 
 STAGES = ("data", "graphs", "pretrain")
 LABELS = ["formation_energy_per_atom", "band_gap", "energy_per_atom", "efermi", "K_VRH", "G_VRH"]
@@ -79,47 +79,24 @@ class Job:
     """One command run as a job: its wall time and peak memory (MB)."""
 
     def __init__(self, command: list[str], log: Path) -> None:
-        import psutil
-
         env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
                                                                                                    "1")}
         self.log = log
         self.handle = open(log, "w")  # noqa: SIM115 (closed in wait)
         self.started = time.perf_counter()
         self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=self.handle, stderr=subprocess.STDOUT)
-        self.peak = 0
-        self._done = threading.Event()
-        self._psutil = psutil.Process(self.process.pid)
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        import psutil
-
-        while not self._done.is_set():  # the job is reaped by wait(), not here
-            total = 0
-            try:
-                for process in [self._psutil, *self._psutil.children(recursive=True)]:
-                    try:
-                        total += process.memory_info().rss
-                    except psutil.Error:
-                        pass
-            except psutil.Error:
-                pass
-            self.peak = max(self.peak, total)
-            self._done.wait(0.02)
+        self.memory = PeakMemory(self.process.pid, interval=0.02).__enter__()
 
     def wait(self) -> tuple[float, float]:
         _, status, usage = os.wait4(self.process.pid, 0)
         self.process.returncode = os.waitstatus_to_exitcode(status)
         seconds = time.perf_counter() - self.started
-        self._done.set()
-        self._thread.join()
+        self.memory.__exit__()
         self.handle.close()
         if self.process.returncode != 0:
             raise SystemExit(f"{self.log.name} failed (exit {self.process.returncode}):\n"
                              + self.log.read_text()[-3000:])
-        return seconds, max(self.peak, usage.ru_maxrss * 1024) / 1e6
+        return seconds, max(self.memory.peak, usage.ru_maxrss * 1024) / 1e6
 
 
 def run_jobs(commands: list[tuple[list[str], Path]], parallel: int) -> tuple[float, float]:
