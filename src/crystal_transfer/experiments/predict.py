@@ -11,7 +11,7 @@ without CGCNN features, or a non-finite output. Nothing is dropped silently.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from crystal_transfer.errors import InputError
 from crystal_transfer.graphs.crystal_graph import GraphRejection, crystal_graph
 from crystal_transfer.graphs.dataset import CrystalItem, collate_graphs
 from crystal_transfer.graphs.settings import GraphSettings
-from crystal_transfer.models.saved import load_model
+from crystal_transfer.models.saved import SavedModel, load_model
 
 BATCH = 128
 DEFAULT_MAX_Z = 80  # the config schema's filters.max_z, for a model whose card records no data filters
@@ -99,6 +99,64 @@ def graph_model(model_dir: str | Path):
     return saved
 
 
+def graph_predictions(
+    models: Sequence[SavedModel], input_path: str | Path, max_z: int | None = None, min_distance: float | None = None
+) -> tuple[list[str], list[str], np.ndarray]:
+    """(ids, errors, predictions) of graph models (the members of an ensemble, or one) for every crystal of
+    ``input_path``, in its order: each crystal is read and its graph built once, then every model predicts it.
+    Predictions are physical, shaped (models, crystals, targets); a crystal with an error has NaNs. ``max_z`` /
+    ``min_distance`` default to the filters of the first model's training data (its card), else the defaults."""
+    # long: the rows of one input in order, predicted in batches, with each reason a crystal fails in one place
+    first = models[0]
+    targets = list(first.model.targets)
+    for number, saved in enumerate(models[1:], start=2):
+        if saved.graph_settings != first.graph_settings or list(saved.model.targets) != targets:
+            raise InputError(f"model {number} of the ensemble takes other graphs or predicts other targets than the "
+                             "first: the models of one ensemble share their graph settings and targets")
+    filters = first.training.get("data_filters", {})
+    max_z = int(filters.get("max_z", DEFAULT_MAX_Z) if max_z is None else max_z)
+    min_distance = float(filters.get("min_distance", DEFAULT_MIN_DISTANCE) if min_distance is None else min_distance)
+    gs = first.graph_settings
+    settings = GraphSettings(radius=gs["radius"], max_num_nbr=gs["max_num_nbr"], cgcnn_padding=gs["cgcnn_padding"])
+    ids: list[str] = []
+    errors: list[str] = []
+    values: list[np.ndarray] = []  # per crystal: (models, targets)
+    pending: list[tuple[int, CrystalItem]] = []
+
+    def predict(items: list[tuple[int, CrystalItem]]) -> None:
+        try:
+            batch = collate_graphs([item for _, item in items], cgcnn_padding=settings.cgcnn_padding)
+            outputs = [saved.predict(batch) for saved in models]
+        except ValueError as exc:  # an element without CGCNN features: one by one, to find the crystal
+            if len(items) > 1:
+                for item in items:
+                    predict([item])
+            else:
+                errors[items[0][0]] = f"{UNSUPPORTED_ELEMENT}: {exc}"
+            return
+        for index, (position, _) in enumerate(items):
+            values[position] = np.array([[float(output[t][index]) for t in targets] for output in outputs])
+
+    with torch.no_grad():
+        for crystal_id, crystal in read_crystals(Path(input_path), max_z, min_distance):
+            position = len(ids)
+            ids.append(crystal_id)
+            errors.append("")
+            values.append(np.full((len(models), len(targets)), np.nan))
+            item = crystal if isinstance(crystal, Rejection) else graph_item(crystal_id, crystal, settings)
+            if not isinstance(item, CrystalItem):
+                errors[position] = str(item)
+                continue
+            pending.append((position, item))
+            if len(pending) == BATCH:
+                predict(pending)
+                pending = []
+        if pending:
+            predict(pending)
+    stacked = np.stack(values, axis=1) if values else np.zeros((len(models), 0, len(targets)))
+    return ids, errors, stacked
+
+
 def predict_to_csv(
     model_dir: str | Path,
     input_path: str | Path,
@@ -110,52 +168,17 @@ def predict_to_csv(
     """Write ``id, <target> (unit)..., error`` for every crystal of ``input_path``, in its order; returns counts
     (``rows``, ``predicted``, ``failed``). ``max_z`` / ``min_distance`` default to the filters of the model's
     training data (its card), else the config's defaults."""
-    # long: the rows of one input in order, predicted in batches, with each reason a crystal fails in one place
     saved = graph_model(model_dir)
-    filters = saved.training.get("data_filters", {})
-    max_z = int(filters.get("max_z", DEFAULT_MAX_Z) if max_z is None else max_z)
-    min_distance = float(filters.get("min_distance", DEFAULT_MIN_DISTANCE) if min_distance is None else min_distance)
-    gs = saved.graph_settings
-    settings = GraphSettings(radius=gs["radius"], max_num_nbr=gs["max_num_nbr"], cgcnn_padding=gs["cgcnn_padding"])
     targets = list(saved.model.targets)
     header = ["id"] + [f"{t} ({saved.normalizers[t].unit})" if saved.normalizers[t].unit else t for t in targets]
+    ids, errors, values = graph_predictions([saved], input_path, max_z, min_distance)
     rows: list[list[str]] = []
-    pending: list[tuple[int, CrystalItem]] = []
-
-    def fail(position: int, reason: object) -> None:
-        rows[position] = rows[position][:1] + [""] * len(targets) + [str(reason)]
-
-    def predict(items: list[tuple[int, CrystalItem]]) -> None:
-        try:
-            outputs = saved.predict(collate_graphs([item for _, item in items], cgcnn_padding=settings.cgcnn_padding))
-        except ValueError as exc:  # an element without CGCNN features: one by one, to find the crystal
-            if len(items) > 1:
-                for item in items:
-                    predict([item])
-            else:
-                fail(items[0][0], f"{UNSUPPORTED_ELEMENT}: {exc}")
-            return
-        for index, (position, _) in enumerate(items):
-            values = [float(outputs[t][index]) for t in targets]
-            if not all(np.isfinite(values)):
-                fail(position, f"{NON_FINITE_PREDICTION}: the model's output is {values}")
-            else:
-                rows[position] = rows[position][:1] + [f"{v:.6g}" for v in values] + [""]
-
-    with torch.no_grad():
-        for crystal_id, crystal in read_crystals(Path(input_path), max_z, min_distance):
-            position = len(rows)
-            rows.append([crystal_id] + [""] * (len(targets) + 1))
-            item = crystal if isinstance(crystal, Rejection) else graph_item(crystal_id, crystal, settings)
-            if not isinstance(item, CrystalItem):
-                fail(position, item)
-                continue
-            pending.append((position, item))
-            if len(pending) == BATCH:
-                predict(pending)
-                pending = []
-        if pending:
-            predict(pending)
+    for position, crystal_id in enumerate(ids):
+        row = values[0, position]
+        if not errors[position] and not np.isfinite(row).all():
+            errors[position] = f"{NON_FINITE_PREDICTION}: the model's output is {row.tolist()}"
+        predicted = [""] * len(targets) if errors[position] else [f"{v:.6g}" for v in row]
+        rows.append([crystal_id, *predicted, errors[position]])
     write_csv(out, header + ["error"], rows)
     failed = sum(1 for row in rows if row[-1])
     return {"rows": len(rows), "predicted": len(rows) - failed, "failed": failed}
@@ -212,10 +235,6 @@ def predict_ensemble(bundle: str | Path, input_path: str | Path, out: str | Path
                      min_distance: float | None = None) -> dict[str, int]:
     """Write ``id, prediction, std, error`` for every crystal of ``input_path``: the mean and the spread (std over
     the members, population form) of a seed ensemble written by the ``select`` stage, in physical units."""
-    import tempfile
-
-    import pandas as pd
-
     from crystal_transfer.experiments.select import ENSEMBLE_CARD
 
     bundle = Path(bundle)
@@ -227,14 +246,12 @@ def predict_ensemble(bundle: str | Path, input_path: str | Path, out: str | Path
             bundle / source["path"] if source["kind"] == "cgcnn" else source["kind"], source["level"], members,
             card["target"], input_path, max_z, min_distance)
     else:
-        frames = []
-        with tempfile.TemporaryDirectory() as tmp:
-            for index, member in enumerate(members):
-                path = Path(tmp) / f"{index}.csv"
-                predict_to_csv(member, input_path, path, max_z=max_z, min_distance=min_distance)
-                frames.append(pd.read_csv(path, keep_default_na=False, dtype=str))
-        ids, errors = frames[0]["id"].tolist(), frames[0]["error"].tolist()
-        values = np.array([pd.to_numeric(f.iloc[:, 1], errors="coerce").to_numpy() for f in frames], dtype=float)
+        models = [graph_model(member) for member in members]
+        ids, errors, predictions = graph_predictions(models, input_path, max_z, min_distance)
+        targets = list(models[0].model.targets)
+        if card["target"] not in targets:
+            raise InputError(f"{members[0]} predicts {targets}, not the ensemble's target '{card['target']}'")
+        values = predictions[:, :, targets.index(card["target"])]
     rows = []
     for position, crystal_id in enumerate(ids):
         column = values[:, position]
