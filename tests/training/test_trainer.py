@@ -105,6 +105,15 @@ def test_identical_runs_write_identical_files_and_a_damaged_checkpoint_is_set_as
     assert (first / "model/weights.pt").read_bytes() == (second / "model/weights.pt").read_bytes()
     pd.testing.assert_frame_equal(pd.read_csv(first / "metrics.csv").drop(columns=["seconds"]),
                                   pd.read_csv(second / "metrics.csv").drop(columns=["seconds"]))
+    # killed after its last epoch's checkpoint, before its outputs: Snakemake removes a job's outputs before it runs
+    # the job again, and the rerun (every epoch done, nothing to train) writes every one of them again
+    metrics, result = pd.read_csv(first / "metrics.csv"), json.loads((first / "test.json").read_text())
+    for name in ("metrics.csv", "test.json", "predictions.csv"):
+        (first / name).unlink()
+    run(transfer_command(matminer_graphs, first, *scratch, epochs=2))
+    pd.testing.assert_frame_equal(pd.read_csv(first / "metrics.csv"), metrics)
+    assert json.loads((first / "test.json").read_text())["test_mae"] == pytest.approx(result["test_mae"], rel=1e-6)
+    assert (first / "predictions.csv").is_file()
 
 
 def test_a_target_that_cannot_be_standardised_is_named() -> None:

@@ -371,6 +371,8 @@ class Trainer:
                 f"epoch {epoch}/{self.settings.epochs}: train loss {train['loss']:.4f}, "
                 f"val loss {val['loss']:.4f}, val MAE {maes} ({row['seconds']:.1f} s)"
             )
+        if history:  # also when every epoch was done before a kill: a rerun's outputs were removed by Snakemake
+            self._write_metrics(history)
         if not (self.out_dir / BEST_FILE).is_file():
             raise RuntimeError("no epoch was trained: set epochs >= 1")
         best_path = self.out_dir / BEST_FILE
